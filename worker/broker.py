@@ -166,6 +166,7 @@ class LocalBroker:
             )
         java = self._require_tools()
         self._resolve_jars()
+        self.state_dir.mkdir(parents=True, exist_ok=True)  # libs may live elsewhere
         controller_port = self._controller_port()
         props = self._write_config(controller_port)
         self._format_storage(java, props)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from worker import __version__
-from worker.errors import RiverlineError
+from worker.errors import ConfigError, RiverlineError
 
 log = logging.getLogger("riverline")
 
@@ -70,6 +70,52 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     return 0 if st.running else 3
 
 
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from worker.config import add_options
+
+    p = sub.add_parser(
+        "run",
+        help="run the online-learning worker (one member of the consumer group)",
+        description=(
+            "Consume click events; for each, predict the click probability, publish it, "
+            "then learn from the label (test-then-train). Every flag has a RIVERLINE_* "
+            "environment variable; librdkafka properties come from --kafka-config or "
+            "RIVERLINE_KAFKA_* (RIVERLINE_KAFKA_SASL_MECHANISM=PLAIN is sasl.mechanism)."
+        ),
+    )
+    add_options(p)
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from worker.config import settings_from_mapping
+    from worker.loop import Worker
+    from worker.metrics import MetricsServer
+
+    settings = settings_from_mapping(vars(args))
+    worker = Worker(settings)
+    log.info("effective configuration: %s", settings.masked())
+    server = None
+    hp = settings.metrics_host_port
+    if hp is not None:
+        try:
+            server = MetricsServer(hp[0], hp[1], worker.stats).start()
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-address {settings.metrics_address}: cannot listen ({exc.strerror}); "
+                "choose another port or 'off'"
+            ) from exc
+        log.info("serving /metrics, /health and /ready on http://%s", server.address)
+    worker.install_signal_handlers()
+    try:
+        worker.run()
+    finally:
+        if server is not None:
+            server.close()
+    log.info("stopped cleanly")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="riverline",
@@ -82,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="DEBUG, INFO, WARNING or ERROR (env RIVERLINE_LOG_LEVEL)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
     _add_broker(sub)
     return parser
 

@@ -1,0 +1,257 @@
+"""The worker's settings: one frozen object from flags and ``RIVERLINE_*`` variables.
+
+Every option is declared once in :data:`OPTIONS` (flag, environment variable, default,
+help); the CLI, the validation and the README's configuration table come from it.
+A flag beats its environment variable, which beats the default.
+
+>>> s = settings_from_mapping({"bootstrap_servers": "127.0.0.1:9092"})
+>>> s.input_topic, s.model, s.guarantee
+('clicks', 'logreg', 'at-least-once')
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from worker.errors import ConfigError
+
+SECRET_WORDS = ("password", "secret", "key", "token", "credential")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the Settings field
+    default: Any
+    help: str
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "RIVERLINE_" + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "bootstrap_servers",
+        None,
+        "Kafka bootstrap servers, host:port[,host:port]; falls back to KAFKA_BOOTSTRAP_SERVERS",
+    ),
+    Option("input_topic", "clicks", "topic of click events to learn from"),
+    Option("output_topic", "predictions", "topic the predictions are published to"),
+    Option("dead_letter_topic", "clicks.dlq", "topic for rejected events, with the reason"),
+    Option("group_id", "riverline", "Kafka consumer group shared by all replicas"),
+    Option("model", "logreg", "preset (logreg, fm) or MODULE:FACTORY returning a River model"),
+    Option("seed", 0, "seed for the model presets (deterministic given a seed)", int),
+    Option(
+        "guarantee",
+        "at-least-once",
+        "delivery of predictions: at-least-once or exactly-once",
+        choices=("at-least-once", "exactly-once"),
+    ),
+    Option("metrics_address", "0.0.0.0:9400", "host:port serving /metrics and /health; off"),
+    Option("window", 1000, "rolling-window size (labelled events) of the rolling scores", int),
+    Option(
+        "exit_when_idle",
+        0.0,
+        "stop cleanly after this many seconds without a new event (0: never)",
+        float,
+    ),
+    Option("max_event_bytes", 65536, "larger events are dead-lettered as oversized", int),
+    Option("batch_size", 500, "messages taken per poll", int),
+    Option("commit_interval", 5.0, "seconds between offset commits (checkpoints)", float),
+    Option(
+        "auto_offset_reset",
+        "earliest",
+        "where a group with no committed offset starts: earliest or latest",
+        choices=("earliest", "latest"),
+    ),
+    Option("kafka_config", None, "file of librdkafka properties (key=value), e.g. SASL/SSL"),
+    Option(
+        "create_topics",
+        "true",
+        "create missing output and dead-letter topics at start: true or false",
+        choices=("true", "false"),
+    ),
+    Option(
+        "health_timeout", 60.0, "/health fails when the loop has not polled for this long", float
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap_servers: str
+    input_topic: str = "clicks"
+    output_topic: str = "predictions"
+    dead_letter_topic: str = "clicks.dlq"
+    group_id: str = "riverline"
+    model: str = "logreg"
+    seed: int = 0
+    guarantee: str = "at-least-once"
+    metrics_address: str = "0.0.0.0:9400"
+    window: int = 1000
+    exit_when_idle: float = 0.0
+    max_event_bytes: int = 65536
+    batch_size: int = 500
+    commit_interval: float = 5.0
+    auto_offset_reset: str = "earliest"
+    kafka_config: str | None = None
+    create_topics: str = "true"
+    health_timeout: float = 60.0
+    # librdkafka properties from --kafka-config and RIVERLINE_KAFKA_*.
+    kafka: Mapping[str, str] = field(default_factory=dict)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with secrets replaced by ``***``."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["kafka"] = {k: ("***" if is_secret(k) else v) for k, v in self.kafka.items()}
+        return out
+
+    @property
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        if self.metrics_address == "off":
+            return None
+        host, _, port = self.metrics_address.rpartition(":")
+        return host or "0.0.0.0", int(port)
+
+
+def is_secret(key: str) -> bool:
+    k = key.lower()
+    return any(w in k for w in SECRET_WORDS)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """Add every option as a flag; defaults are resolved later (flag > env > default)."""
+    for opt in OPTIONS:
+        shown = "unset" if opt.default is None else opt.default
+        parser.add_argument(
+            opt.flag,
+            dest=opt.name,
+            default=None,
+            help=f"{opt.help} (env {opt.env}; default {shown})",
+        )
+
+
+def read_properties(path: str) -> dict[str, str]:
+    """A Java-style properties file: ``key=value`` lines, ``#`` comments."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"--kafka-config {path}: cannot read it ({exc.strerror})") from exc
+    props: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--kafka-config {path}:{n}: expected key=value, got {line!r}")
+        props[key.strip()] = value.strip()
+    return props
+
+
+def kafka_from_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``RIVERLINE_KAFKA_SASL_MECHANISM=PLAIN`` → ``{"sasl.mechanism": "PLAIN"}``."""
+    prefix = "RIVERLINE_KAFKA_"
+    return {
+        k[len(prefix) :].lower().replace("_", "."): v
+        for k, v in env.items()
+        if k.startswith(prefix) and k != "RIVERLINE_KAFKA_CONFIG"
+    }
+
+
+def _convert(opt: Option, raw: Any, source: str) -> Any:
+    if raw is None:
+        return None
+    if opt.choices and str(raw) not in opt.choices:
+        raise ConfigError(f"{source}: {raw!r} is not one of {', '.join(opt.choices)}")
+    try:
+        return opt.type(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        kind = {int: "an integer", float: "a number"}.get(opt.type, "valid")  # type: ignore[call-overload]
+        raise ConfigError(f"{source}: expected {kind}, got {raw!r}") from None
+
+
+def settings_from_mapping(
+    values: Mapping[str, Any], env: Mapping[str, str] | None = None
+) -> Settings:
+    """Resolve flag values (None when not given) against the environment and defaults."""
+    env = os.environ if env is None else env
+    resolved: dict[str, Any] = {}
+    for opt in OPTIONS:
+        if values.get(opt.name) is not None:
+            resolved[opt.name] = _convert(opt, values[opt.name], opt.flag)
+        elif opt.env in env:
+            resolved[opt.name] = _convert(opt, env[opt.env], opt.env)
+        else:
+            resolved[opt.name] = opt.default
+    if not resolved["bootstrap_servers"]:
+        resolved["bootstrap_servers"] = env.get("KAFKA_BOOTSTRAP_SERVERS")
+    kafka: dict[str, str] = {}
+    if resolved["kafka_config"]:
+        kafka.update(read_properties(resolved["kafka_config"]))
+    kafka.update(kafka_from_env(env))
+    settings = Settings(kafka=kafka, **resolved)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    """Refuse settings that cannot work, saying which flag to fix."""
+    if not s.bootstrap_servers:
+        raise ConfigError(
+            "no Kafka cluster given: pass --bootstrap-servers host:port "
+            "(or set RIVERLINE_BOOTSTRAP_SERVERS or KAFKA_BOOTSTRAP_SERVERS)"
+        )
+    for name in ("input_topic", "output_topic", "dead_letter_topic", "group_id"):
+        value = getattr(s, name)
+        if not value or any(c.isspace() for c in value):
+            raise ConfigError(
+                f"--{name.replace('_', '-')}: must be a non-empty name, got {value!r}"
+            )
+    if s.input_topic in (s.output_topic, s.dead_letter_topic):
+        raise ConfigError(
+            "--input-topic must differ from --output-topic and --dead-letter-topic "
+            f"(all three are {s.input_topic!r}?): the worker would read its own output"
+        )
+    if s.window < 1:
+        raise ConfigError(f"--window must be at least 1, got {s.window}")
+    if not 1 <= s.batch_size <= 100_000:
+        raise ConfigError(f"--batch-size must be between 1 and 100000, got {s.batch_size}")
+    if s.max_event_bytes < 64:
+        raise ConfigError(f"--max-event-bytes must be at least 64, got {s.max_event_bytes}")
+    if s.exit_when_idle < 0:
+        raise ConfigError(f"--exit-when-idle must be >= 0 seconds, got {s.exit_when_idle}")
+    if s.commit_interval <= 0:
+        raise ConfigError(f"--commit-interval must be > 0 seconds, got {s.commit_interval}")
+    if s.health_timeout <= 0:
+        raise ConfigError(f"--health-timeout must be > 0 seconds, got {s.health_timeout}")
+    if s.metrics_address != "off":
+        _host, sep, port = s.metrics_address.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(
+                f"--metrics-address must be host:port (e.g. 0.0.0.0:9400) or off, "
+                f"got {s.metrics_address!r}"
+            )
+    for key in (
+        "bootstrap.servers",
+        "group.id",
+        "enable.auto.commit",
+        "transactional.id",
+        "partition.assignment.strategy",
+    ):
+        if key in s.kafka:
+            raise ConfigError(
+                f"librdkafka property {key!r} is set by riverline itself; use the "
+                "matching riverline flag instead of --kafka-config or RIVERLINE_KAFKA_*"
+            )

@@ -1,0 +1,272 @@
+"""Prometheus exposition: a collector that reads plain counters at scrape time.
+
+Nothing here runs per event. The loop keeps plain Python counters in each
+:class:`~worker.learner.PartitionLearner`; a scrape walks them and yields metric
+families into the worker's own registry (never the global one). ``/health`` is the
+liveness probe (the loop polled recently), ``/ready`` the readiness probe.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from worker import __version__
+from worker.events import REASONS
+from worker.learner import PartitionLearner
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Histogram:
+    """Bucket counts filled once per batch (weighted), exported at scrape time."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += count
+        self.total += value * count
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        cumulative, running = [], 0
+        for bound, n in zip((*self.buckets, math.inf), self.counts, strict=True):
+            running += n
+            cumulative.append(("+Inf" if bound == math.inf else repr(bound), running))
+        return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=self.total)
+
+
+class WorkerStats:
+    """What the loop exposes to the collector and the probes (read from other threads)."""
+
+    def __init__(self, input_topic: str, model: str, health_timeout: float = 60.0) -> None:
+        self.input_topic = input_topic
+        self.model = model
+        self.health_timeout = health_timeout
+        self.learners: dict[int, PartitionLearner] = {}
+        self.latency = Histogram()
+        self.rebalances: dict[str, int] = {"assigned": 0, "revoked": 0, "lost": 0}
+        self.heartbeat = 0.0  # monotonic time of the last completed poll
+        self.started = False  # first assignment handled
+        self.commits = 0
+        self.stopping = False
+
+    def beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
+    def healthy(self) -> tuple[bool, dict[str, Any]]:
+        age = time.monotonic() - self.heartbeat if self.heartbeat else math.inf
+        ok = age < self.health_timeout and not self.stopping
+        return ok, {
+            "status": "ok" if ok else "stalled",
+            "last_poll_age_seconds": None if math.isinf(age) else round(age, 3),
+            "partitions": sorted(self.learners),
+        }
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        ok, body = self.healthy()
+        ok = ok and self.started
+        body["status"] = "ready" if ok else ("starting" if not self.started else body["status"])
+        return ok, body
+
+
+def _versions() -> dict[str, str]:
+    import confluent_kafka
+    import river
+
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "river": river.__version__,  # type: ignore[attr-defined]
+        "confluent_kafka": confluent_kafka.version()[0],
+        "librdkafka": confluent_kafka.libversion()[0],
+    }
+
+
+SCORE_FIELDS = (
+    ("accuracy", "riverline_model_accuracy_ratio", "Share of labelled events predicted right (p > 0.5 means click)."),
+    ("log_loss", "riverline_model_log_loss", "Mean binary log loss of the predicted click probability."),
+    ("roc_auc", "riverline_model_roc_auc", "ROC AUC of the click probability (River's ROCAUC, 100 thresholds)."),
+    ("mean_prediction", "riverline_model_mean_prediction_ratio", "Mean predicted click probability (calibration)."),
+    ("click_rate", "riverline_model_click_rate_ratio", "Observed click rate of the labelled events (calibration)."),
+    ("labelled", "riverline_model_labelled_events", "Labelled events the scores are computed over."),
+    ("positives", "riverline_model_positive_events", "Clicks among the labelled events the scores cover."),
+)  # fmt: skip
+
+
+class WorkerCollector:
+    """Yields every riverline metric family from :class:`WorkerStats` at scrape time."""
+
+    def __init__(self, stats: WorkerStats) -> None:
+        self.stats = stats
+        self.info = {**_versions(), "model": stats.model}
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected only on scrape; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.stats
+        topic = st.input_topic
+        learners = sorted(list(st.learners.values()), key=lambda lr: lr.partition)
+        info = InfoMetricFamily("riverline_build", "riverline build and runtime versions.")
+        info.add_metric([], self.info)
+        yield info
+
+        part = ["topic", "partition"]
+        consumed = CounterMetricFamily(
+            "riverline_events_consumed", "Messages read from the input topic.", labels=part
+        )
+        predicted = CounterMetricFamily(
+            "riverline_events_predicted",
+            "Valid events a prediction was published for.",
+            labels=part,
+        )
+        learned = CounterMetricFamily(
+            "riverline_events_learned",
+            "Labelled events the online model learned from.",
+            labels=part,
+        )
+        dead = CounterMetricFamily(
+            "riverline_events_dead_lettered",
+            "Messages sent to the dead-letter topic, by reason.",
+            labels=[*part, "reason"],
+        )
+        lag = GaugeMetricFamily(
+            "riverline_consumer_lag_messages",
+            "Messages in the partition not processed yet (high watermark - position).",
+            labels=part,
+        )
+        committed = GaugeMetricFamily(
+            "riverline_committed_offset", "Last offset committed for the partition.", labels=part
+        )
+        scores = {
+            key: GaugeMetricFamily(name, doc, labels=["model", *part, "window"])
+            for key, name, doc in SCORE_FIELDS
+        }
+        for lr in learners:
+            pl = [topic, str(lr.partition)]
+            consumed.add_metric(pl, lr.consumed)
+            predicted.add_metric(pl, lr.predicted)
+            learned.add_metric(pl, lr.learned)
+            for reason in REASONS:
+                dead.add_metric([*pl, reason], lr.dead_lettered.get(reason, 0))
+            if lr.lag is not None:
+                lag.add_metric(pl, lr.lag)
+            if lr.committed_offset is not None:
+                committed.add_metric(pl, lr.committed_offset)
+            with lr.lock:
+                lr.scores.flush()
+                windows = {"cumulative": lr.scores.cumulative(), "rolling": lr.scores.rolling()}
+            for window, sc in windows.items():
+                for key, _, _ in SCORE_FIELDS:
+                    value = getattr(sc, key)
+                    if not (isinstance(value, float) and math.isnan(value)):
+                        scores[key].add_metric(["online", *pl, window], value)
+        yield from (consumed, predicted, learned, dead, lag, committed)
+        yield from scores.values()
+        yield GaugeMetricFamily(
+            "riverline_assigned_partitions",
+            "Input partitions assigned to this worker.",
+            value=len(learners),
+        )
+        reb = CounterMetricFamily(
+            "riverline_rebalances",
+            "Partition assignment changes seen by this worker.",
+            labels=["kind"],
+        )
+        for kind, n in st.rebalances.items():
+            reb.add_metric([kind], n)
+        yield reb
+        yield CounterMetricFamily(
+            "riverline_commits", "Successful offset commits (checkpoints).", value=st.commits
+        )
+        age = time.monotonic() - st.heartbeat if st.heartbeat else math.nan
+        yield GaugeMetricFamily(
+            "riverline_last_poll_age_seconds",
+            "Seconds since the consume loop last polled.",
+            value=age,
+        )
+        yield st.latency.family(
+            "riverline_processing_latency_seconds",
+            "Time from poll to prediction handed to the producer, per event (measured per batch).",
+        )
+
+
+def make_registry(stats: WorkerStats) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(WorkerCollector(stats))  # type: ignore[arg-type]
+    return registry
+
+
+def _handler(registry: CollectorRegistry, stats: WorkerStats) -> type[BaseHTTPRequestHandler]:
+    probes: dict[str, Callable[[], tuple[bool, dict[str, Any]]]] = {
+        "/health": stats.healthy,
+        "/ready": stats.ready,
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
+            elif path in probes:
+                ok, info = probes[path]()
+                body, status, ctype = orjson.dumps(info), 200 if ok else 503, "application/json"
+            else:
+                body, status, ctype = b"try /metrics, /health or /ready\n", 404, "text/plain"
+            body = bytes(body)
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # scrapes every few seconds would flood the log
+
+    return Handler
+
+
+class MetricsServer:
+    """``/metrics``, ``/health`` and ``/ready`` on a background thread."""
+
+    def __init__(self, host: str, port: int, stats: WorkerStats) -> None:
+        self.registry = make_registry(stats)
+        self.httpd = ThreadingHTTPServer((host, port), _handler(self.registry, stats))
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+
+    @property
+    def address(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"{host!s}:{port}"
+
+    def start(self) -> MetricsServer:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

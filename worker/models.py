@@ -1,0 +1,181 @@
+"""Model presets (pure River) and the ``MODULE:FACTORY`` plug-in path.
+
+Every model takes the same input, ``x = {"user_id": ..., "item_id": ..., **features}``,
+and is a River binary classifier (``predict_proba_one`` / ``learn_one``).
+
+>>> model = make_model("logreg", seed=0)
+>>> x = {"user_id": "u1", "item_id": "i1", "category": "sports", "position": 2}
+>>> model.predict_proba_one(x)[True]
+0.5
+>>> model.learn_one(x, True)
+>>> model.predict_proba_one(x)[True] > 0.5
+True
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from river import base, compose, facto, linear_model, optim, preprocessing
+
+from worker.errors import ConfigError
+
+# A River binary classifier (a Pipeline is one, though not by static type).
+Model = Any
+
+SAMPLE_X: dict[str, Any] = {
+    "user_id": "u0",
+    "item_id": "i0",
+    "device": "ios",
+    "position": 1,
+    "category": "news",
+    "score": 0.5,
+    "returning": True,
+}
+
+
+class ClickTokens(base.Transformer):
+    """Turn a click event's ``x`` into hashable tokens and add crossed features.
+
+    Integers (position, hour) are categories in click data, so they become tokens;
+    floats stay numeric. ``crosses`` name pairs of fields whose combination is a feature
+    of its own: ``("user_id", "category")`` learns each user's taste per category.
+
+    >>> t = ClickTokens(crosses=(("user_id", "category"),))
+    >>> t.transform_one({"user_id": "u1", "category": "news", "position": 3, "score": 0.5})
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'user_id': 'u1', 'category': 'news', 'position': '3', 'score': 0.5,
+     'user_id*category': 'u1|news'}
+    """
+
+    def __init__(self, crosses: Sequence[tuple[str, str]] = ()) -> None:
+        self.crosses = tuple(tuple(c) for c in crosses)
+
+    def transform_one(self, x: dict[Any, Any]) -> dict[Any, Any]:
+        out = {k: (str(v) if type(v) is int else v) for k, v in x.items()}
+        for a, b in self.crosses:
+            if a in x and b in x:
+                out[f"{a}*{b}"] = f"{x[a]}|{x[b]}"
+        return out
+
+
+DEFAULT_CROSSES: tuple[tuple[str, str], ...] = (
+    ("user_id", "category"),
+    ("user_id", "device"),
+    ("item_id", "position"),
+)
+
+
+def logreg(seed: int = 0, n_features: int = 2**20, lr: float = 0.05) -> Model:
+    """Logistic regression on hashed user, item, context and user×context crosses.
+
+    Plain SGD with a constant step (0.05): unlike AdaGrad or Adam, whose steps shrink
+    as they see more data, a constant step keeps adapting after concept drift, which is
+    what an online CTR model is for. Hashing bounds memory to ``n_features`` weights
+    whatever the number of users.
+    """
+    return compose.Pipeline(
+        ClickTokens(crosses=DEFAULT_CROSSES),
+        preprocessing.FeatureHasher(n_features=n_features, seed=seed),
+        linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=0.0),
+    )
+
+
+def fm(seed: int = 0, n_features: int = 2**18, n_factors: int = 8) -> Model:
+    """Factorization machine: learns the pairwise interactions itself (no crosses).
+
+    Good when interactions between many fields matter and cannot be listed by hand;
+    costs several times a logistic regression per event.
+    """
+    return compose.Pipeline(
+        ClickTokens(),
+        preprocessing.FeatureHasher(n_features=n_features, seed=seed),
+        facto.FMClassifier(
+            n_factors=n_factors,
+            seed=seed,
+            intercept=0.0,
+            sample_normalization=False,
+        ),
+    )
+
+
+PRESETS: dict[str, Callable[..., Model]] = {"logreg": logreg, "fm": fm}
+
+
+def _import_factory(spec: str) -> Callable[..., Any]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(
+            f"--model {spec!r}: expected a preset ({', '.join(PRESETS)}) or MODULE:FACTORY"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--model {spec!r}: cannot import module {module_name!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"--model {spec!r}: {module_name} has no callable {attr!r}")
+    return factory  # type: ignore[no-any-return]
+
+
+def model_factory(spec: str, seed: int = 0) -> Callable[[], Model]:
+    """A zero-argument factory for ``spec``: a preset name or ``MODULE:FACTORY``.
+
+    A plug-in factory is called with ``seed=`` when it accepts it, else with nothing.
+    """
+    if spec in PRESETS:
+        preset = PRESETS[spec]
+        return lambda: preset(seed=seed)
+    factory = _import_factory(spec)
+
+    def make() -> Model:
+        try:
+            return factory(seed=seed)
+        except TypeError:
+            return factory()
+
+    return make
+
+
+def make_model(spec: str, seed: int = 0) -> Model:
+    return model_factory(spec, seed)()
+
+
+def check_model(spec: str, factory: Callable[[], Any]) -> None:
+    """Refuse at start-up a model that cannot serve: wrong type, no probabilities, or no
+    snapshot (pickle) support. Never fail at the first event or checkpoint instead."""
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ConfigError(f"--model {spec!r}: the factory raised {exc!r}") from exc
+    for method in ("predict_proba_one", "learn_one"):
+        if not callable(getattr(model, method, None)):
+            raise ConfigError(
+                f"--model {spec!r} returned {type(model).__name__}, which has no {method}(); "
+                "return a River binary classifier"
+            )
+    try:
+        proba = model.predict_proba_one(dict(SAMPLE_X))
+        model.learn_one(dict(SAMPLE_X), True)
+        proba = model.predict_proba_one(dict(SAMPLE_X))
+    except Exception as exc:
+        raise ConfigError(
+            f"--model {spec!r} failed on a sample event {SAMPLE_X}: {exc!r}; the model "
+            "must accept x = {'user_id', 'item_id', **features}"
+        ) from exc
+    if not isinstance(proba, dict) or not isinstance(proba.get(True, 0.0), float | int):
+        raise ConfigError(
+            f"--model {spec!r}: predict_proba_one returned {proba!r}; expected a dict with "
+            "the probability of True"
+        )
+    try:
+        pickle.loads(pickle.dumps(model))
+    except Exception as exc:
+        raise ConfigError(
+            f"--model {spec!r} cannot be pickled ({exc!r}), so its state could not be "
+            "snapshotted; define transformers as module-level functions or classes, not "
+            "lambdas or closures"
+        ) from exc
