@@ -127,7 +127,9 @@ class Worker:
             if now >= next_commit:
                 self._commit()
                 next_commit = time.monotonic() + s.commit_interval
-            if idle_limit and now - last_event >= idle_limit:
+            if not stats.started:
+                last_event = now  # idle time counts from joining the group
+            elif idle_limit and now - last_event >= idle_limit:
                 log.info("no new event for %.1fs (--exit-when-idle): stopping", idle_limit)
                 break
 
