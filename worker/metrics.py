@@ -100,7 +100,7 @@ def _versions() -> dict[str, str]:
         "version": __version__,
         "python": platform.python_version(),
         "river": river.__version__,  # type: ignore[attr-defined]
-        "confluent_kafka": confluent_kafka.__version__,
+        "confluent_kafka": str(confluent_kafka.__version__),
         "librdkafka": confluent_kafka.libversion()[0],
     }
 
