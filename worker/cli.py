@@ -116,6 +116,128 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from worker.simulate import SCENARIOS
+
+    p = sub.add_parser(
+        "simulate",
+        help="publish a realistic recommendation-click stream (with drift scenarios)",
+        description=(
+            "Users with latent category preferences, position bias and devices; "
+            "deterministic given --seed. Key = user_id."
+        ),
+    )
+    p.add_argument(
+        "--bootstrap-servers",
+        default=os.environ.get("RIVERLINE_BOOTSTRAP_SERVERS")
+        or os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
+        help="Kafka bootstrap servers (env RIVERLINE_BOOTSTRAP_SERVERS or KAFKA_BOOTSTRAP_SERVERS)",
+    )
+    p.add_argument("--topic", default="clicks", help="topic to publish to (default clicks)")
+    p.add_argument("--partitions", type=int, default=4, help="partitions if the topic is created")
+    p.add_argument("--output", help="write JSON lines to this file instead of Kafka ('-': stdout)")
+    p.add_argument("--count", type=int, default=100_000, help="number of events (default 100000)")
+    p.add_argument("--rate", type=float, default=0.0, help="events per second (default 0: max)")
+    p.add_argument("--users", type=int, default=1000, help="distinct users (default 1000)")
+    p.add_argument("--items", type=int, default=200, help="distinct items (default 200)")
+    p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    p.add_argument("--scenario", choices=SCENARIOS, default="abrupt", help="drift scenario")
+    p.add_argument("--drift-at", type=int, help="event index where drift starts (default count/2)")
+    p.add_argument("--drift-width", type=int, help="gradual drift length (default count/10)")
+    p.add_argument("--season-period", type=float, default=3600.0, help="seasonal period, seconds")
+    p.add_argument("--label-rate", type=float, default=1.0, help="share of labelled events")
+    p.add_argument("--bad-rate", type=float, default=0.0, help="share of malformed messages")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import orjson
+
+    from worker.feed import ensure_topic, publish
+    from worker.simulate import SimulationConfig, generate
+
+    try:
+        cfg = SimulationConfig(
+            n_events=args.count,
+            seed=args.seed,
+            n_users=args.users,
+            n_items=args.items,
+            scenario=args.scenario,
+            drift_at=args.drift_at,
+            drift_width=args.drift_width,
+            label_rate=args.label_rate,
+            season_period_s=args.season_period,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not 0.0 <= args.bad_rate < 1.0:
+        raise ConfigError(f"--bad-rate must be in [0, 1), got {args.bad_rate}")
+    if args.output:
+        out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
+        try:
+            for ev in generate(cfg):
+                out.write(orjson.dumps(ev, option=orjson.OPT_APPEND_NEWLINE))
+        finally:
+            if out is not sys.stdout.buffer:
+                out.close()
+        return 0
+    if not args.bootstrap_servers:
+        raise ConfigError(
+            "no Kafka cluster given: pass --bootstrap-servers host:port (or set "
+            "KAFKA_BOOTSTRAP_SERVERS), or --output FILE for JSON lines"
+        )
+    ensure_topic(args.bootstrap_servers, args.topic, args.partitions)
+    stats = publish(
+        args.bootstrap_servers,
+        args.topic,
+        generate(cfg),
+        rate=args.rate,
+        bad_rate=args.bad_rate,
+        seed=args.seed,
+        total=args.count,
+    )
+    drift = f"; true drift at event {cfg.drift_point:,}" if cfg.drift_point is not None else ""
+    print(
+        f"published {stats.sent:,} events ({stats.bad:,} malformed) to {args.topic} "
+        f"at {stats.rate:,.0f}/s{drift}"
+    )
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from worker.demo import DemoOptions
+
+    d = DemoOptions()
+    p = sub.add_parser(
+        "demo",
+        help="broker + simulated clicks with drift + worker + live progress + summary",
+    )
+    p.add_argument("--events", type=int, default=d.events, help=f"default {d.events}")
+    p.add_argument("--rate", type=float, default=d.rate, help=f"events/s (default {d.rate:.0f})")
+    p.add_argument("--partitions", type=int, default=d.partitions)
+    p.add_argument("--bad-rate", type=float, default=d.bad_rate)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import DemoOptions, run_demo
+
+    if args.events < 100:
+        raise ConfigError(f"--events must be at least 100, got {args.events}")
+    return run_demo(
+        DemoOptions(
+            events=args.events,
+            rate=args.rate,
+            partitions=args.partitions,
+            bad_rate=args.bad_rate,
+            model=args.model,
+            seed=args.seed,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="riverline",
@@ -129,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
+    _add_simulate(sub)
+    _add_demo(sub)
     _add_broker(sub)
     return parser
 

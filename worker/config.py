@@ -55,8 +55,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "guarantee",
         "at-least-once",
-        "delivery of predictions: at-least-once or exactly-once",
-        choices=("at-least-once", "exactly-once"),
+        "delivery of predictions: at-least-once (exactly-once is planned)",
+        choices=("at-least-once",),
     ),
     Option("metrics_address", "0.0.0.0:9400", "host:port serving /metrics and /health; off"),
     Option("window", 1000, "rolling-window size (labelled events) of the rolling scores", int),

@@ -65,6 +65,9 @@ class Worker:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: finish the batch and stop cleanly; a second one exits at once."""
 
