@@ -4,7 +4,8 @@ Every option is declared once in :data:`OPTIONS` (flag, environment variable, de
 help); the CLI, the validation and the README's configuration table come from it.
 A flag beats its environment variable, which beats the default.
 
->>> s = settings_from_mapping({"bootstrap_servers": "127.0.0.1:9092"})
+>>> s = settings_from_mapping(
+...     {"bootstrap_servers": "127.0.0.1:9092", "insecure_snapshots": "true"}, env={})
 >>> s.input_topic, s.model, s.guarantee
 ('clicks', 'logreg', 'at-least-once')
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -55,8 +57,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "guarantee",
         "at-least-once",
-        "delivery of predictions: at-least-once (exactly-once is planned)",
-        choices=("at-least-once",),
+        "delivery of predictions: at-least-once or exactly-once (Kafka transactions)",
+        choices=("at-least-once", "exactly-once"),
     ),
     Option("metrics_address", "0.0.0.0:9400", "host:port serving /metrics and /health; off"),
     Option("window", 1000, "rolling-window size (labelled events) of the rolling scores", int),
@@ -68,7 +70,38 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("max_event_bytes", 65536, "larger events are dead-lettered as oversized", int),
     Option("batch_size", 500, "messages taken per poll", int),
-    Option("commit_interval", 5.0, "seconds between offset commits (checkpoints)", float),
+    Option(
+        "commit_interval",
+        5.0,
+        "seconds between checkpoints (snapshot + offset commit; in exactly-once mode also "
+        "the transaction length, so the delay before predictions are visible)",
+        float,
+    ),
+    Option("commit_events", 100_000, "also checkpoint after this many events (0: time only)", int),
+    Option("state_topic", None, "compacted topic of model snapshots (default <group-id>.state)"),
+    Option(
+        "snapshot_key_file",
+        None,
+        "file holding the snapshot HMAC key (else RIVERLINE_SNAPSHOT_KEY)",
+    ),
+    Option(
+        "insecure_snapshots",
+        "false",
+        "allow running without a snapshot key (local use only): true or false",
+        choices=("true", "false"),
+    ),
+    Option(
+        "on_invalid_snapshot",
+        "fail",
+        "a snapshot that fails verification: fail (refuse the partition) or fresh (start it anew)",
+        choices=("fail", "fresh"),
+    ),
+    Option(
+        "instance_id",
+        None,
+        "stable name of this replica (default: host name); exactly-once uses it in the "
+        "transactional.id so a restarted replica fences its previous incarnation",
+    ),
     Option(
         "auto_offset_reset",
         "earliest",
@@ -104,17 +137,26 @@ class Settings:
     max_event_bytes: int = 65536
     batch_size: int = 500
     commit_interval: float = 5.0
+    commit_events: int = 100_000
+    state_topic: str | None = None
+    snapshot_key_file: str | None = None
+    insecure_snapshots: str = "false"
+    on_invalid_snapshot: str = "fail"
+    instance_id: str | None = None
     auto_offset_reset: str = "earliest"
     kafka_config: str | None = None
     create_topics: str = "true"
     health_timeout: float = 60.0
     # librdkafka properties from --kafka-config and RIVERLINE_KAFKA_*.
     kafka: Mapping[str, str] = field(default_factory=dict)
+    # HMAC key of the snapshots, from RIVERLINE_SNAPSHOT_KEY or --snapshot-key-file.
+    snapshot_key: bytes = field(default=b"", repr=False)
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration with secrets replaced by ``***``."""
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["kafka"] = {k: ("***" if is_secret(k) else v) for k, v in self.kafka.items()}
+        out["snapshot_key"] = "***"
         return out
 
     @property
@@ -134,6 +176,17 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     """Add every option as a flag; defaults are resolved later (flag > env > default)."""
     for opt in OPTIONS:
         shown = "unset" if opt.default is None else opt.default
+        if opt.choices == ("true", "false"):
+            # A switch: `--insecure-snapshots` alone means true.
+            parser.add_argument(
+                opt.flag,
+                dest=opt.name,
+                nargs="?",
+                const="true",
+                default=None,
+                help=f"{opt.help} (env {opt.env}; default {shown})",
+            )
+            continue
         parser.add_argument(
             opt.flag,
             dest=opt.name,
@@ -195,13 +248,20 @@ def settings_from_mapping(
             resolved[opt.name] = _convert(opt, env[opt.env], opt.env)
         else:
             resolved[opt.name] = opt.default
+    if not resolved["state_topic"]:
+        resolved["state_topic"] = f"{resolved['group_id']}.state"
+    if not resolved["instance_id"]:
+        resolved["instance_id"] = socket.gethostname()
     if not resolved["bootstrap_servers"]:
         resolved["bootstrap_servers"] = env.get("KAFKA_BOOTSTRAP_SERVERS")
     kafka: dict[str, str] = {}
     if resolved["kafka_config"]:
         kafka.update(read_properties(resolved["kafka_config"]))
     kafka.update(kafka_from_env(env))
-    settings = Settings(kafka=kafka, **resolved)
+    from worker.snapshots import load_key
+
+    key = load_key(env, resolved["snapshot_key_file"], resolved["insecure_snapshots"] == "true")
+    settings = Settings(kafka=kafka, snapshot_key=key, **resolved)
     validate(settings)
     return settings
 
@@ -213,12 +273,18 @@ def validate(s: Settings) -> None:
             "no Kafka cluster given: pass --bootstrap-servers host:port "
             "(or set RIVERLINE_BOOTSTRAP_SERVERS or KAFKA_BOOTSTRAP_SERVERS)"
         )
-    for name in ("input_topic", "output_topic", "dead_letter_topic", "group_id"):
+    for name in ("input_topic", "output_topic", "dead_letter_topic", "group_id", "state_topic"):
         value = getattr(s, name)
         if not value or any(c.isspace() for c in value):
             raise ConfigError(
                 f"--{name.replace('_', '-')}: must be a non-empty name, got {value!r}"
             )
+    if s.state_topic in (s.input_topic, s.output_topic, s.dead_letter_topic):
+        raise ConfigError(
+            f"--state-topic {s.state_topic!r} must be a topic of its own (it is compacted)"
+        )
+    if s.commit_events < 0:
+        raise ConfigError(f"--commit-events must be >= 0, got {s.commit_events}")
     if s.input_topic in (s.output_topic, s.dead_letter_topic):
         raise ConfigError(
             "--input-topic must differ from --output-topic and --dead-letter-topic "

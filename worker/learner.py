@@ -13,6 +13,7 @@ its users, in offset order. Learners are created on assignment and dropped on re
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from collections import Counter
@@ -51,6 +52,12 @@ class PartitionLearner:
         self.committed_offset: int | None = None
         self.high_watermark: int | None = None
         self.assigned_at = time.time()
+        # Checkpoint bookkeeping (exported as metrics).
+        self.snapshot_offset: int | None = None  # next_offset of the last snapshot written
+        self.snapshot_bytes = 0
+        self.snapshot_at: float | None = None  # wall time of the last successful checkpoint
+        self.restore_seconds: float | None = None
+        self.first_offset: int | None = None  # first offset processed since assignment
 
     def predict_learn(self, event: dict[str, Any], offset: int) -> dict[str, Any]:
         """Test then train on one valid event; returns the prediction to publish.
@@ -88,6 +95,36 @@ class PartitionLearner:
             "offset": offset,
             "ts": event["ts"],
         }
+
+    # -- snapshots -------------------------------------------------------------------
+    def snapshot(self) -> bytes:
+        """Everything this learner holds, pickled (the snapshot records the offset)."""
+        with self.lock:  # a scrape must not flush the scores mid-pickle
+            self.scores.flush()
+            state = {
+                "model": self.model,
+                "scores": self.scores,
+                "consumed": self.consumed,
+                "predicted": self.predicted,
+                "learned": self.learned,
+                "dead_lettered": dict(self.dead_lettered),
+            }
+            return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def restore(
+        cls, topic: str, partition: int, payload: bytes, next_offset: int
+    ) -> PartitionLearner:
+        """A learner from :meth:`snapshot` bytes. Only call it on verified bytes."""
+        state = pickle.loads(payload)
+        learner = cls(topic, partition, state["model"])
+        learner.scores = state["scores"]
+        learner.consumed = state["consumed"]
+        learner.predicted = state["predicted"]
+        learner.learned = state["learned"]
+        learner.dead_lettered = Counter(state["dead_lettered"])
+        learner.next_offset = next_offset
+        return learner
 
     def end_batch(self) -> None:
         with self.lock:

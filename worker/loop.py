@@ -2,9 +2,19 @@
 
 Reads like the data flow in DESIGN.md: poll a batch; for each message decode and
 validate it, predict with its partition's learner, learn from the label, hand the
-prediction (or the dead letter) to the producer; every commit interval, wait for the
-producer's acknowledgements and then commit the offsets they cover (at-least-once).
-Shutdown, in ``finally``: stop polling, flush, commit, leave the group.
+prediction (or the dead letter) to the producer. Every checkpoint (by time or events,
+and before a partition is released) writes a signed snapshot of each changed learner
+to the compacted state topic, together with the input offset it reflects:
+
+- at-least-once: wait until the broker acknowledged every prediction, write the
+  snapshots and wait for their acknowledgement, then commit the offsets;
+- exactly-once: predictions, dead letters, snapshots and the consumer offsets of one
+  checkpoint interval are one Kafka transaction; on an abortable error the transaction is
+  aborted and every learner is rewound to its last committed snapshot.
+
+On assignment a partition's newest verified snapshot is restored and consumption resumes
+at the offset it records. Shutdown, in ``finally``: stop polling, checkpoint, leave the
+group.
 """
 
 from __future__ import annotations
@@ -14,12 +24,18 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from worker import __version__
 from worker.config import Settings
@@ -27,6 +43,7 @@ from worker.errors import RiverlineError
 from worker.events import MODEL_ERROR, EventCodec, InvalidEvent
 from worker.kafka import (
     KafkaFatalError,
+    common_config,
     consumer_config,
     describe,
     ensure_topics,
@@ -35,11 +52,12 @@ from worker.kafka import (
 from worker.learner import ModelError, PartitionLearner
 from worker.metrics import WorkerStats
 from worker.models import check_model, model_factory
+from worker.snapshots import Restored, Signer, SnapshotError, SnapshotStore
 
 log = logging.getLogger(__name__)
 
-FLUSH_TIMEOUT = 30.0
 WATERMARK_INTERVAL = 1.0
+TXN_TIMEOUT = 60.0
 _LOGGED_PER_REASON = 10  # dead letters logged one by one, then every 10,000th
 
 
@@ -54,14 +72,29 @@ class Worker:
         self.stats = stats or WorkerStats(
             settings.input_topic, settings.model, settings.health_timeout
         )
+        self.eos = settings.guarantee == "exactly-once"
+        self.store = SnapshotStore(
+            common_config(settings),
+            settings.group_id,
+            settings.input_topic,
+            settings.state_topic or f"{settings.group_id}.state",
+            Signer(settings.snapshot_key),
+        )
         self._stop = threading.Event()
         self._signals = 0
         self._delivery_error: KafkaError | None = None
         self._dead_logged: dict[str, int] = {}
+        self._in_txn = False
+        self._since_checkpoint = 0
+        # Exactly-once rewinds to these: per partition, the last committed snapshot
+        # (payload or None for "fresh model") and the input offset it reflects.
+        self._committed: dict[int, tuple[bytes | None, int | None]] = {}
+        self._pending_payloads: dict[int, tuple[bytes, int]] = {}
+        self._assigned_at = 0.0
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
 
-    # -- lifecycle -------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -84,8 +117,17 @@ class Worker:
     def run(self) -> None:
         """Consume until stopped (signal, ``--exit-when-idle``) or a fatal error."""
         s = self.settings
-        ensure_topics(s)
-        self.producer = Producer({**producer_config(s), "on_delivery": self._on_delivery})
+        partitions = ensure_topics(s)
+        self.store.ensure_topic(partitions)
+        pconf = {**producer_config(s), "on_delivery": self._on_delivery}
+        if self.eos:
+            # One stable id per replica: a restarted replica fences its previous
+            # incarnation and aborts its open transaction at once (no timeout wait).
+            pconf["transactional.id"] = f"riverline-{s.group_id}-{s.instance_id}"
+            pconf["transaction.timeout.ms"] = int(TXN_TIMEOUT * 1000)
+        self.producer = Producer(pconf)
+        if self.eos:
+            self._txn_call("init_transactions", self.producer.init_transactions, TXN_TIMEOUT)
         self.consumer = Consumer(consumer_config(s))
         self.consumer.subscribe(
             [s.input_topic],
@@ -105,10 +147,13 @@ class Worker:
         latency = stats.latency
         idle_limit = s.exit_when_idle
         last_event = time.monotonic()
-        next_commit = last_event + s.commit_interval
+        next_checkpoint = last_event + s.commit_interval
         next_watermarks = last_event
         while not self._stop.is_set():
-            msgs = consumer.consume(s.batch_size, timeout=0.2)
+            if self.eos and not self._in_txn:
+                self._txn_call("begin_transaction", producer.begin_transaction)
+                self._in_txn = True
+            msgs = consumer.consume(s.batch_size, timeout=0.1)
             now = time.monotonic()
             stats.beat()
             if msgs:
@@ -116,27 +161,25 @@ class Worker:
                 done = time.monotonic()
                 latency.observe(done - now, len(msgs))
                 last_event = done
+                self._since_checkpoint += len(msgs)
             producer.poll(0)
-            if self._delivery_error is not None:
-                raise KafkaFatalError(
-                    f"a prediction or dead letter could not be delivered: "
-                    f"{describe(self._delivery_error)}; stopping so that its offset is never "
-                    "committed (the restart replays it)"
-                )
+            self._check_delivery()
             now = time.monotonic()
             if now >= next_watermarks:
                 self._refresh_lag()
                 next_watermarks = now + WATERMARK_INTERVAL
-            if now >= next_commit:
-                self._commit()
-                next_commit = time.monotonic() + s.commit_interval
-            if not stats.started:
-                last_event = now  # idle time counts from joining the group
+            if now >= next_checkpoint or (
+                s.commit_events and self._since_checkpoint >= s.commit_events
+            ):
+                self._checkpoint()
+                next_checkpoint = time.monotonic() + s.commit_interval
+            if not stats.started or self._assigned_at > last_event:
+                last_event = now  # idle time counts from the last (re)assignment
             elif idle_limit and now - last_event >= idle_limit:
                 log.info("no new event for %.1fs (--exit-when-idle): stopping", idle_limit)
                 break
 
-    # -- per batch ---------------------------------------------------------------
+    # -- per batch --------------------------------------------------------------------
     def _process(self, msgs: list[Message]) -> None:
         learners = self.stats.learners
         decode = self.codec.decode
@@ -151,8 +194,12 @@ class Worker:
             learner = learners.get(msg.partition())  # type: ignore[arg-type]
             if learner is None:  # revoked between fetch and now: the new owner reads it
                 continue
-            learner.consumed += 1
             offset: int = msg.offset()  # type: ignore[assignment]
+            if learner.next_offset is not None and offset < learner.next_offset:
+                continue  # already reflected in the restored model (e.g. after a seek)
+            if learner.first_offset is None:
+                learner.first_offset = offset
+            learner.consumed += 1
             try:
                 event = decode(msg.value())
                 prediction = learner.predict_learn(event, offset)
@@ -166,14 +213,21 @@ class Worker:
         for learner in list(learners.values()):
             learner.end_batch()
 
-    def _produce(self, topic: str, value: bytes | None, key: bytes | None, headers: Any) -> None:
+    def _produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        headers: Any,
+        partition: int = -1,
+    ) -> None:
         assert self.producer is not None
         while True:
             try:
                 if headers is None:
-                    self.producer.produce(topic, value, key)
+                    self.producer.produce(topic, value, key, partition=partition)
                 else:
-                    self.producer.produce(topic, value, key, headers=headers)
+                    self.producer.produce(topic, value, key, partition=partition, headers=headers)
                 return
             except BufferError:
                 # The local queue is full: let librdkafka deliver, then retry.
@@ -209,7 +263,14 @@ class Worker:
         if err is not None and self._delivery_error is None:
             self._delivery_error = err
 
-    # -- offsets -----------------------------------------------------------------
+    def _check_delivery(self) -> None:
+        if self._delivery_error is not None:
+            raise KafkaFatalError(
+                f"a prediction, dead letter or snapshot could not be delivered: "
+                f"{describe(self._delivery_error)}; stopping so that its offset is never "
+                "committed (the restart replays it)"
+            )
+
     def _refresh_lag(self) -> None:
         assert self.consumer is not None
         for lr in list(self.stats.learners.values()):
@@ -222,59 +283,199 @@ class Worker:
             if high is not None and high >= 0:
                 lr.high_watermark = high
 
-    def _commit(self, partitions: list[int] | None = None) -> None:
-        """At-least-once checkpoint: acknowledge all output, then commit the offsets."""
+    # -- checkpoints -------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Wait until the broker acknowledged everything produced (rides out outages)."""
+        assert self.producer is not None
+        # librdkafka gives up on a message after message.timeout.ms (5 min by default)
+        # and reports it through the delivery callback, which ends the wait below.
+        waited = 0.0
+        while True:
+            remaining = self.producer.flush(5.0)
+            self._check_delivery()
+            if not remaining:
+                return
+            waited += 5.0
+            log.warning(
+                "%d messages not yet acknowledged after %.0fs (broker unreachable?); waiting",
+                remaining,
+                waited,
+            )
+
+    def _write_snapshots(self, due: list[PartitionLearner]) -> int:
+        """Produce a snapshot of each learner; return the bytes written."""
+        total = 0
+        for lr in due:
+            assert lr.next_offset is not None
+            payload = lr.snapshot()
+            records, manifest = self.store.messages(lr.partition, lr.next_offset, payload)
+            state_partition = self.store.state_partition(lr.partition)
+            for key, value in records:
+                self._produce(self.store.state_topic, value, key, None, state_partition)
+            lr.snapshot_bytes = manifest.size
+            total += manifest.size
+            if self.eos:
+                self._pending_payloads[lr.partition] = (payload, lr.next_offset)
+        return total
+
+    def _checkpoint(self) -> None:
+        """Snapshot every changed learner and commit the offsets they reflect."""
         assert self.consumer is not None and self.producer is not None
-        learners = self.stats.learners
-        chosen = (
-            [learners[p] for p in partitions if p in learners]
-            if partitions
-            else list(learners.values())
-        )
+        started = time.monotonic()
         due = [
             lr
-            for lr in chosen
-            if lr.next_offset is not None and lr.next_offset != lr.committed_offset
+            for lr in list(self.stats.learners.values())
+            if lr.next_offset is not None and lr.next_offset != lr.snapshot_offset
         ]
+        self._since_checkpoint = 0
         if not due:
-            return
-        remaining = self.producer.flush(FLUSH_TIMEOUT)
-        if remaining:
-            raise KafkaFatalError(
-                f"{remaining} predictions/dead letters not acknowledged after "
-                f"{FLUSH_TIMEOUT:.0f}s; offsets not committed"
-            )
-        if self._delivery_error is not None:
-            raise KafkaFatalError(f"delivery failed: {describe(self._delivery_error)}")
+            return  # nothing consumed since the last checkpoint, so nothing produced
         offsets = [TopicPartition(lr.topic, lr.partition, lr.next_offset or 0) for lr in due]
-        try:
-            result = self.consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            # E.g. a rebalance in progress: the offsets are committed next time (or by
-            # the revocation); events may be replayed, never lost.
-            log.warning("offset commit failed, will retry: %s", describe(exc))
-            return
-        by_partition = {lr.partition: lr for lr in due}
-        for tp in result or []:
-            if tp.error is not None:
-                log.warning(
-                    "commit of %s[%d] failed: %s", tp.topic, tp.partition, describe(tp.error)
+        committed = {lr.partition for lr in due}
+        if self.eos:
+            if not self._in_txn:  # e.g. a revocation right after a commit
+                self._txn_call("begin_transaction", self.producer.begin_transaction)
+                self._in_txn = True
+            self._pending_payloads = {}
+            self._write_snapshots(due)
+            try:
+                self.producer.send_offsets_to_transaction(
+                    offsets, self.consumer.consumer_group_metadata(), TXN_TIMEOUT
                 )
-                continue
-            lr = by_partition.get(tp.partition)
-            if lr is not None:
-                lr.committed_offset = tp.offset
+                self._commit_transaction()
+            except _AbortNeeded as exc:
+                self._abort_and_rewind(str(exc))
+                return
+            for p, (payload, offset) in self._pending_payloads.items():
+                self._committed[p] = (payload, offset)
+        else:
+            self._flush()  # predictions and dead letters acknowledged
+            self._write_snapshots(due)
+            self._flush()  # snapshots acknowledged before the offsets move
+            try:
+                result = self.consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                # Restores resume from the snapshot's offset: a failed commit costs
+                # nothing unless the snapshot is lost too. Retried next time.
+                log.warning("offset commit failed, will retry: %s", describe(exc))
+                result = []
+                committed = set()
+            for tp in result or []:
+                if tp.error is not None:
+                    committed.discard(tp.partition)
+                    log.warning(
+                        "commit of %s[%d] failed: %s", tp.topic, tp.partition, describe(tp.error)
+                    )
+        now = time.time()
+        for lr in due:
+            lr.snapshot_offset = lr.next_offset
+            lr.snapshot_at = now
+            if lr.partition in committed:
+                lr.committed_offset = lr.next_offset
         self.stats.commits += 1
+        self.stats.checkpoint_duration.observe(time.monotonic() - started)
 
-    # -- rebalance callbacks (run inside consume()) -------------------------------
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        consumer.incremental_assign(partitions)  # from the committed offsets (or the reset)
-        for tp in partitions:
-            self.stats.learners[tp.partition] = PartitionLearner(
-                tp.topic, tp.partition, self.new_model(), window=self.settings.window
+    def _commit_transaction(self) -> None:
+        assert self.producer is not None
+        self._txn_call("commit_transaction", self.producer.commit_transaction, TXN_TIMEOUT)
+        self._in_txn = False
+
+    def _txn_call(self, name: str, fn: Any, *args: Any) -> None:
+        """Call a transactional producer method: retry the retriable, surface the rest."""
+        deadline = time.monotonic() + 5 * TXN_TIMEOUT
+        while True:
+            try:
+                fn(*args)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal():
+                    raise KafkaFatalError(
+                        f"{name} failed fatally ({describe(err)}); another instance with "
+                        f"transactional.id riverline-{self.settings.group_id}-"
+                        f"{self.settings.instance_id} may have fenced this one"
+                    ) from exc
+                if err.txn_requires_abort():
+                    raise _AbortNeeded(f"{name}: {describe(err)}") from exc
+                if err.retriable() and time.monotonic() < deadline:
+                    log.warning("%s failed, retrying: %s", name, describe(err))
+                    time.sleep(0.5)
+                    continue
+                raise KafkaFatalError(f"{name} failed: {describe(err)}") from exc
+
+    def _abort_and_rewind(self, why: str) -> None:
+        """Abort the open transaction; every learner returns to its last committed state."""
+        assert self.producer is not None and self.consumer is not None
+        log.warning("aborting the transaction (%s); rewinding to the last checkpoint", why)
+        self._txn_call("abort_transaction", self.producer.abort_transaction, TXN_TIMEOUT)
+        self._in_txn = False
+        self._delivery_error = None
+        self.stats.aborts += 1
+        for p, lr in list(self.stats.learners.items()):
+            payload, offset = self._committed.get(p, (None, None))
+            if payload is not None and offset is not None:
+                fresh = PartitionLearner.restore(lr.topic, p, payload, offset)
+            else:
+                fresh = self._fresh_learner(lr.topic, p)
+                offset = lr.first_offset
+            fresh.snapshot_offset = offset
+            self.stats.learners[p] = fresh
+            if offset is not None:
+                self.consumer.seek(TopicPartition(lr.topic, p, offset))
+
+    # -- rebalance callbacks (run inside consume()) -------------------------------------
+    def _fresh_learner(self, topic: str, partition: int) -> PartitionLearner:
+        return PartitionLearner(topic, partition, self.new_model(), window=self.settings.window)
+
+    def _restore(
+        self, tp: TopicPartition, restored: Restored | SnapshotError | None
+    ) -> PartitionLearner:
+        if isinstance(restored, SnapshotError):
+            exc = restored
+            if self.settings.on_invalid_snapshot != "fresh":
+                raise SnapshotError(
+                    f"refusing partition {tp.partition}: {exc}. Check RIVERLINE_SNAPSHOT_KEY "
+                    "(every replica needs the same key), or start the partition anew with "
+                    "--on-invalid-snapshot fresh"
+                ) from exc
+            log.error(
+                "SNAPSHOT REJECTED for partition %d, starting it with a fresh model "
+                "(--on-invalid-snapshot fresh): %s",
+                tp.partition,
+                exc,
             )
+            self.stats.snapshots_rejected += 1
+            restored = None
+        if restored is None:
+            self._committed[tp.partition] = (None, None)
+            return self._fresh_learner(tp.topic, tp.partition)
+        m = restored.manifest
+        learner = PartitionLearner.restore(tp.topic, tp.partition, restored.payload, m.next_offset)
+        learner.snapshot_offset = m.next_offset
+        learner.snapshot_bytes = m.size
+        learner.snapshot_at = m.created
+        learner.restore_seconds = restored.seconds
+        self._committed[tp.partition] = (restored.payload, m.next_offset)
+        tp.offset = m.next_offset
+        log.info(
+            "restored partition %d from snapshot at offset %d (%d bytes, %.2fs)",
+            tp.partition,
+            m.next_offset,
+            m.size,
+            restored.seconds,
+        )
+        return learner
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        found = self.store.read_many([tp.partition for tp in partitions]) if partitions else {}
+        for tp in partitions:
+            self.stats.learners[tp.partition] = self._restore(tp, found[tp.partition])
+        # Restored partitions resume at their snapshot's offset; the others at the
+        # group's committed offset (or --auto-offset-reset).
+        consumer.incremental_assign(partitions)
         self.stats.rebalances["assigned"] += len(partitions)
         self.stats.started = True
+        self._assigned_at = time.monotonic()
         if partitions:
             log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
 
@@ -282,18 +483,24 @@ class Worker:
         revoked = [tp.partition for tp in partitions]
         if revoked:
             try:
-                self._commit(revoked)
+                self._checkpoint()  # before the partitions are released
             finally:
                 for p in revoked:
                     self.stats.learners.pop(p, None)
+                    self._committed.pop(p, None)
+                    self.store.forget(p)
                 consumer.incremental_unassign(partitions)
             log.info("revoked partitions %s", sorted(revoked))
         self.stats.rebalances["revoked"] += len(revoked)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Another member owns them now: committing would be wrong, keep nothing.
+        # Another member owns them now: checkpointing would be wrong.
+        if self.eos and self._in_txn:
+            self._abort_and_rewind("partitions lost")
         for tp in partitions:
             self.stats.learners.pop(tp.partition, None)
+            self._committed.pop(tp.partition, None)
+            self.store.forget(tp.partition)
         if partitions:
             consumer.incremental_unassign(partitions)
         self.stats.rebalances["lost"] += len(partitions)
@@ -304,21 +511,16 @@ class Worker:
         consumer, producer = self.consumer, self.producer
         try:
             if consumer is not None and producer is not None:
-                try:
-                    self._commit()
-                except RiverlineError as exc:
-                    log.error("final checkpoint failed: %s", exc)
-                    raise
+                self._checkpoint()
         finally:
             if consumer is not None:
-                consumer.close()  # leaves the group at once (revocation commits again: no-op)
+                consumer.close()  # leaves the group at once (revocation: nothing left to do)
             if producer is not None:
-                producer.flush(FLUSH_TIMEOUT)
+                if self.eos and self._in_txn:
+                    self._txn_call("abort_transaction", producer.abort_transaction, TXN_TIMEOUT)
+                    self._in_txn = False
+                producer.flush(30)
 
 
-def run_worker(settings: Settings, on_start: Callable[[Worker], None] | None = None) -> Worker:
-    worker = Worker(settings)
-    if on_start:
-        on_start(worker)
-    worker.run()
-    return worker
+class _AbortNeeded(RiverlineError):
+    """The transaction must be aborted (and the learners rewound)."""

@@ -35,6 +35,7 @@ from worker.learner import PartitionLearner
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -71,6 +72,9 @@ class WorkerStats:
         self.heartbeat = 0.0  # monotonic time of the last completed poll
         self.started = False  # first assignment handled
         self.commits = 0
+        self.aborts = 0
+        self.snapshots_rejected = 0
+        self.checkpoint_duration = Histogram(CHECKPOINT_BUCKETS)
         self.stopping = False
 
     def beat(self) -> None:
@@ -161,6 +165,22 @@ class WorkerCollector:
         committed = GaugeMetricFamily(
             "riverline_committed_offset", "Last offset committed for the partition.", labels=part
         )
+        snap_bytes = GaugeMetricFamily(
+            "riverline_snapshot_size_bytes",
+            "Size of the partition's last snapshot (pickled learner).",
+            labels=part,
+        )
+        snap_age = GaugeMetricFamily(
+            "riverline_snapshot_age_seconds",
+            "Seconds since the partition's last successful checkpoint (or restored snapshot).",
+            labels=part,
+        )
+        restore = GaugeMetricFamily(
+            "riverline_restore_duration_seconds",
+            "Time taken to read, verify and load the partition's snapshot at assignment.",
+            labels=part,
+        )
+        wall = time.time()
         scores = {
             key: GaugeMetricFamily(name, doc, labels=["model", *part, "window"])
             for key, name, doc in SCORE_FIELDS
@@ -176,6 +196,11 @@ class WorkerCollector:
                 lag.add_metric(pl, lr.lag)
             if lr.committed_offset is not None:
                 committed.add_metric(pl, lr.committed_offset)
+            if lr.snapshot_at is not None:
+                snap_bytes.add_metric(pl, lr.snapshot_bytes)
+                snap_age.add_metric(pl, max(0.0, wall - lr.snapshot_at))
+            if lr.restore_seconds is not None:
+                restore.add_metric(pl, lr.restore_seconds)
             with lr.lock:
                 lr.scores.flush()
                 windows = {"cumulative": lr.scores.cumulative(), "rolling": lr.scores.rolling()}
@@ -184,7 +209,17 @@ class WorkerCollector:
                     value = getattr(sc, key)
                     if not (isinstance(value, float) and math.isnan(value)):
                         scores[key].add_metric(["online", *pl, window], value)
-        yield from (consumed, predicted, learned, dead, lag, committed)
+        yield from (
+            consumed,
+            predicted,
+            learned,
+            dead,
+            lag,
+            committed,
+            snap_bytes,
+            snap_age,
+            restore,
+        )
         yield from scores.values()
         yield GaugeMetricFamily(
             "riverline_assigned_partitions",
@@ -200,7 +235,21 @@ class WorkerCollector:
             reb.add_metric([kind], n)
         yield reb
         yield CounterMetricFamily(
-            "riverline_commits", "Successful offset commits (checkpoints).", value=st.commits
+            "riverline_commits", "Successful checkpoints (snapshots + offsets).", value=st.commits
+        )
+        yield CounterMetricFamily(
+            "riverline_transactions_aborted",
+            "Exactly-once transactions aborted (learners rewound to the last checkpoint).",
+            value=st.aborts,
+        )
+        yield CounterMetricFamily(
+            "riverline_snapshots_rejected",
+            "Snapshots that failed verification and were replaced by a fresh model.",
+            value=st.snapshots_rejected,
+        )
+        yield st.checkpoint_duration.family(
+            "riverline_checkpoint_duration_seconds",
+            "Duration of a checkpoint: flush, snapshot write, offset commit or transaction commit.",
         )
         age = time.monotonic() - st.heartbeat if st.heartbeat else math.nan
         yield GaugeMetricFamily(
