@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import sys
 import threading
 import time
@@ -73,6 +74,10 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         n_events=opts.events, seed=opts.seed, scenario="abrupt", drift_at=drift_at
     )
     port = opts.metrics_port or (9400 if not port_in_use(9400) else free_port())
+    # The demo signs its snapshots with a key of its own (a real deployment sets
+    # RIVERLINE_SNAPSHOT_KEY from a secret).
+    env = {**os.environ}
+    env.setdefault("RIVERLINE_SNAPSHOT_KEY", secrets.token_hex(32))
     settings = settings_from_mapping(
         {
             "bootstrap_servers": bootstrap,
@@ -84,7 +89,8 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             "metrics_address": f"127.0.0.1:{port}",
             "exit_when_idle": 4.0,
             "commit_interval": 2.0,
-        }
+        },
+        env=env,
     )
     worker = Worker(settings)
     server = MetricsServer("127.0.0.1", port, worker.stats).start()
