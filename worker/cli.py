@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from confluent_kafka import KafkaException
+
 from worker import __version__
 from worker.errors import ConfigError, RiverlineError
 
@@ -266,5 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RiverlineError as exc:
         print(f"riverline: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KafkaException as exc:
+        from worker.kafka import describe
+
+        print(f"riverline: Kafka error: {describe(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -33,11 +34,17 @@ def describe(err: KafkaError | KafkaException | Exception) -> str:
     return str(err)
 
 
+_last_error_log: dict[int, float] = {}
+
+
 def _error_cb(err: KafkaError) -> None:
     # Broker restarts show up here as transport errors; librdkafka reconnects by itself.
     if err.fatal():
         librdkafka_log.error("fatal Kafka client error: %s", describe(err))
-    else:
+        return
+    now = time.monotonic()
+    if now - _last_error_log.get(err.code(), -1e9) >= 10.0:  # one line per kind per 10 s
+        _last_error_log[err.code()] = now
         librdkafka_log.warning("Kafka client error (retrying): %s", describe(err))
 
 

@@ -91,6 +91,7 @@ class Worker:
         self._committed: dict[int, tuple[bytes | None, int | None]] = {}
         self._pending_payloads: dict[int, tuple[bytes, int]] = {}
         self._assigned_at = 0.0
+        self._error_logged: dict[int, float] = {}
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
 
@@ -257,7 +258,11 @@ class Worker:
     def _consume_error(self, err: KafkaError) -> None:
         if err.fatal():
             raise KafkaFatalError(f"fatal consumer error: {describe(err)}")
-        log.warning("consumer error (retrying): %s", describe(err))
+        # During a broker outage every poll returns an error: log each kind every 10 s.
+        now = time.monotonic()
+        if now - self._error_logged.get(err.code(), -1e9) >= 10.0:
+            self._error_logged[err.code()] = now
+            log.warning("consumer error (librdkafka retries by itself): %s", describe(err))
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None and self._delivery_error is None:
