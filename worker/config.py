@@ -18,9 +18,12 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from worker.learner import LearnerOptions
 
 SECRET_WORDS = ("password", "secret", "key", "token", "credential")
 
@@ -67,6 +70,42 @@ OPTIONS: tuple[Option, ...] = (
         0.0,
         "stop cleanly after this many seconds without a new event (0: never)",
         float,
+    ),
+    Option(
+        "baseline_window",
+        10_000,
+        "labelled events the offline (batch) baseline trains on (0: no baseline)",
+        int,
+    ),
+    Option(
+        "baseline_retrain_every",
+        "never",
+        "retrain the baseline on the last --baseline-window labelled events every N "
+        "labelled events, or never (trained once, classic offline learning)",
+    ),
+    Option(
+        "drift_detector",
+        "adwin",
+        "concept-drift detector on the online model's loss: adwin, page-hinkley or off",
+        choices=("adwin", "page-hinkley", "off"),
+    ),
+    Option(
+        "drift_action",
+        "none",
+        "on a drift alarm: none, reset-online (fresh online model) or retrain-batch",
+        choices=("none", "reset-online", "retrain-batch"),
+    ),
+    Option("drift_grace", 1000, "labelled events before drift alarms count (warm-up)", int),
+    Option(
+        "data_drift_block",
+        5000,
+        "events per data-drift block: PSI of the latest block vs the reference (0: off)",
+        int,
+    ),
+    Option(
+        "data_drift_features",
+        "",
+        "comma-separated features to watch for data drift (default: the 8 most frequent)",
     ),
     Option("max_event_bytes", 65536, "larger events are dead-lettered as oversized", int),
     Option("batch_size", 500, "messages taken per poll", int),
@@ -134,6 +173,13 @@ class Settings:
     metrics_address: str = "0.0.0.0:9400"
     window: int = 1000
     exit_when_idle: float = 0.0
+    baseline_window: int = 10_000
+    baseline_retrain_every: str = "never"
+    drift_detector: str = "adwin"
+    drift_action: str = "none"
+    drift_grace: int = 1000
+    data_drift_block: int = 5000
+    data_drift_features: str = ""
     max_event_bytes: int = 65536
     batch_size: int = 500
     commit_interval: float = 5.0
@@ -158,6 +204,22 @@ class Settings:
         out["kafka"] = {k: ("***" if is_secret(k) else v) for k, v in self.kafka.items()}
         out["snapshot_key"] = "***"
         return out
+
+    def learner_options(self) -> LearnerOptions:
+        from worker.learner import LearnerOptions
+
+        every = self.baseline_retrain_every
+        return LearnerOptions(
+            baseline_window=self.baseline_window,
+            baseline_retrain_every=None if every == "never" else int(every),
+            drift_detector=None if self.drift_detector == "off" else self.drift_detector,
+            drift_grace=self.drift_grace,
+            drift_action=self.drift_action,
+            data_drift_block=self.data_drift_block,
+            data_drift_features=tuple(
+                f.strip() for f in self.data_drift_features.split(",") if f.strip()
+            ),
+        )
 
     @property
     def metrics_host_port(self) -> tuple[str, int] | None:
@@ -289,6 +351,24 @@ def validate(s: Settings) -> None:
         raise ConfigError(
             "--input-topic must differ from --output-topic and --dead-letter-topic "
             f"(all three are {s.input_topic!r}?): the worker would read its own output"
+        )
+    if s.baseline_window != 0 and s.baseline_window < 2:
+        raise ConfigError(
+            f"--baseline-window must be 0 (off) or at least 2, got {s.baseline_window}"
+        )
+    every = s.baseline_retrain_every
+    if every != "never" and not (every.isdigit() and int(every) >= 1):
+        raise ConfigError(
+            f"--baseline-retrain-every must be a positive number of labelled events or "
+            f"'never', got {every!r}"
+        )
+    if s.drift_action == "retrain-batch" and not s.baseline_window:
+        raise ConfigError("--drift-action retrain-batch needs a baseline (--baseline-window > 0)")
+    if s.drift_grace < 0:
+        raise ConfigError(f"--drift-grace must be >= 0, got {s.drift_grace}")
+    if s.data_drift_block != 0 and s.data_drift_block < 10:
+        raise ConfigError(
+            f"--data-drift-block must be 0 (off) or at least 10 events, got {s.data_drift_block}"
         )
     if s.window < 1:
         raise ConfigError(f"--window must be at least 1, got {s.window}")

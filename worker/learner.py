@@ -17,10 +17,29 @@ import pickle
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from worker.baseline import BatchBaseline
+from worker.drift import ConceptDrift, DataDrift
 from worker.events import features_of
 from worker.scoring import PrequentialScores
+
+DRIFT_ACTIONS = ("none", "reset-online", "retrain-batch")
+
+
+@dataclass(frozen=True)
+class LearnerOptions:
+    """What runs beside the online model (all of it is part of the snapshot)."""
+
+    baseline_window: int = 0  # 0: no batch baseline
+    baseline_retrain_every: int | None = None  # None: never (trained once)
+    drift_detector: str | None = None  # "adwin", "page-hinkley" or None
+    drift_grace: int = 1000
+    drift_action: str = "none"
+    data_drift_block: int = 0  # 0: no data-drift tracking
+    data_drift_features: tuple[str, ...] = ()
 
 
 class ModelError(Exception):
@@ -37,11 +56,33 @@ class PartitionLearner:
         model: Any,
         window: int = 1000,
         auc_thresholds: int = 100,
+        *,
+        options: LearnerOptions | None = None,
+        new_model: Callable[[], Any] | None = None,
     ) -> None:
         self.topic = topic
         self.partition = partition
         self.model = model
+        self.new_model = new_model  # for the reset-online drift action
+        self.options = opts = options or LearnerOptions()
         self.scores = PrequentialScores(window=window, auc_thresholds=auc_thresholds)
+        self.batch_scores = PrequentialScores(window=window, auc_thresholds=auc_thresholds)
+        self.baseline = (
+            BatchBaseline(opts.baseline_window, opts.baseline_retrain_every)
+            if opts.baseline_window
+            else None
+        )
+        self.drift = (
+            ConceptDrift(opts.drift_detector, grace=opts.drift_grace)
+            if opts.drift_detector
+            else None
+        )
+        self.data_drift = (
+            DataDrift(opts.data_drift_block, opts.data_drift_features)
+            if opts.data_drift_block
+            else None
+        )
+        self.resets = 0  # online model resets by the drift action
         # Guards `scores` between the loop (flush) and a scrape (read).
         self.lock = threading.Lock()
         self.consumed = 0
@@ -75,35 +116,58 @@ class PartitionLearner:
             raise ModelError(f"predict_proba_one raised {type(exc).__name__}: {exc}") from exc
         if not 0.0 <= p <= 1.0:  # also catches NaN
             raise ModelError(f"predict_proba_one returned {p!r}, not a probability")
+        baseline = self.baseline
+        pb = baseline.predict(x) if baseline is not None else None
         if y is not None:
             try:
                 model.learn_one(x, y)
             except Exception as exc:
                 raise ModelError(f"learn_one raised {type(exc).__name__}: {exc}") from exc
-        if y is not None:
             self.learned += 1
             self.scores.add(y, p)
+            if pb is not None:
+                self.batch_scores.add(y, pb)
+            if baseline is not None and baseline.observe(x, y) and self.data_drift is not None:
+                self.data_drift.rebase()
+            if self.drift is not None and self.drift.update((p - y) ** 2):
+                self._on_drift()
+        if self.data_drift is not None:
+            self.data_drift.add(x, y, p)
         self.predicted += 1
         return {
             "event_id": event["event_id"],
             "user_id": event["user_id"],
             "item_id": event["item_id"],
             "click_probability": p,
-            "batch_click_probability": None,
+            "batch_click_probability": pb,
             "model_version": version,
             "partition": self.partition,
             "offset": offset,
             "ts": event["ts"],
         }
 
+    def _on_drift(self) -> None:
+        action = self.options.drift_action
+        if action == "reset-online" and self.new_model is not None:
+            self.model = self.new_model()
+            self.resets += 1
+        elif action == "retrain-batch" and self.baseline is not None:
+            self.baseline.request_retrain()
+
     # -- snapshots -------------------------------------------------------------------
     def snapshot(self) -> bytes:
         """Everything this learner holds, pickled (the snapshot records the offset)."""
         with self.lock:  # a scrape must not flush the scores mid-pickle
             self.scores.flush()
+            self.batch_scores.flush()
             state = {
                 "model": self.model,
                 "scores": self.scores,
+                "batch_scores": self.batch_scores,
+                "baseline": self.baseline,
+                "drift": self.drift,
+                "data_drift": self.data_drift,
+                "resets": self.resets,
                 "consumed": self.consumed,
                 "predicted": self.predicted,
                 "learned": self.learned,
@@ -113,12 +177,24 @@ class PartitionLearner:
 
     @classmethod
     def restore(
-        cls, topic: str, partition: int, payload: bytes, next_offset: int
+        cls,
+        topic: str,
+        partition: int,
+        payload: bytes,
+        next_offset: int,
+        *,
+        options: LearnerOptions | None = None,
+        new_model: Callable[[], Any] | None = None,
     ) -> PartitionLearner:
         """A learner from :meth:`snapshot` bytes. Only call it on verified bytes."""
-        state = pickle.loads(payload)
-        learner = cls(topic, partition, state["model"])
+        state = pickle.loads(payload)  # the caller verified the HMAC
+        learner = cls(topic, partition, state["model"], options=options, new_model=new_model)
         learner.scores = state["scores"]
+        learner.batch_scores = state["batch_scores"]
+        learner.baseline = state["baseline"]
+        learner.drift = state["drift"]
+        learner.data_drift = state["data_drift"]
+        learner.resets = state["resets"]
         learner.consumed = state["consumed"]
         learner.predicted = state["predicted"]
         learner.learned = state["learned"]
@@ -129,6 +205,7 @@ class PartitionLearner:
     def end_batch(self) -> None:
         with self.lock:
             self.scores.flush()
+            self.batch_scores.flush()
 
     @property
     def lag(self) -> int | None:

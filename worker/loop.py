@@ -73,6 +73,9 @@ class Worker:
             settings.input_topic, settings.model, settings.health_timeout
         )
         self.eos = settings.guarantee == "exactly-once"
+        self.learner_options = settings.learner_options()
+        if self.learner_options.baseline_window:
+            import sklearn.linear_model  # noqa: F401 - imported now, not inside the first training
         self.store = SnapshotStore(
             common_config(settings),
             settings.group_id,
@@ -419,7 +422,14 @@ class Worker:
         for p, lr in list(self.stats.learners.items()):
             payload, offset = self._committed.get(p, (None, None))
             if payload is not None and offset is not None:
-                fresh = PartitionLearner.restore(lr.topic, p, payload, offset)
+                fresh = PartitionLearner.restore(
+                    lr.topic,
+                    p,
+                    payload,
+                    offset,
+                    options=self.learner_options,
+                    new_model=self.new_model,
+                )
             else:
                 fresh = self._fresh_learner(lr.topic, p)
                 offset = lr.first_offset
@@ -430,7 +440,14 @@ class Worker:
 
     # -- rebalance callbacks (run inside consume()) -------------------------------------
     def _fresh_learner(self, topic: str, partition: int) -> PartitionLearner:
-        return PartitionLearner(topic, partition, self.new_model(), window=self.settings.window)
+        return PartitionLearner(
+            topic,
+            partition,
+            self.new_model(),
+            window=self.settings.window,
+            options=self.learner_options,
+            new_model=self.new_model,
+        )
 
     def _restore(
         self, tp: TopicPartition, restored: Restored | SnapshotError | None
@@ -455,7 +472,14 @@ class Worker:
             self._committed[tp.partition] = (None, None)
             return self._fresh_learner(tp.topic, tp.partition)
         m = restored.manifest
-        learner = PartitionLearner.restore(tp.topic, tp.partition, restored.payload, m.next_offset)
+        learner = PartitionLearner.restore(
+            tp.topic,
+            tp.partition,
+            restored.payload,
+            m.next_offset,
+            options=self.learner_options,
+            new_model=self.new_model,
+        )
         learner.snapshot_offset = m.next_offset
         learner.snapshot_bytes = m.size
         learner.snapshot_at = m.created

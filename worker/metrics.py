@@ -181,6 +181,49 @@ class WorkerCollector:
             labels=part,
         )
         wall = time.time()
+        alarms = CounterMetricFamily(
+            "riverline_drift_alarms",
+            "Concept-drift alarms on the online model's loss (a rise of the loss).",
+            labels=[*part, "detector"],
+        )
+        estimate = GaugeMetricFamily(
+            "riverline_drift_estimate",
+            "The detector's estimate of the online model's mean Brier loss.",
+            labels=[*part, "detector"],
+        )
+        last_alarm = GaugeMetricFamily(
+            "riverline_drift_last_alarm_timestamp_seconds",
+            "Unix time of the last concept-drift alarm.",
+            labels=part,
+        )
+        resets = CounterMetricFamily(
+            "riverline_online_model_resets",
+            "Online models replaced by a fresh one (--drift-action reset-online).",
+            labels=part,
+        )
+        trainings = CounterMetricFamily(
+            "riverline_batch_trainings", "Trainings of the offline (batch) baseline.", labels=part
+        )
+        training_s = GaugeMetricFamily(
+            "riverline_batch_training_duration_seconds",
+            "Duration of the last batch-baseline training (the event loop pauses for it).",
+            labels=part,
+        )
+        data_psi = GaugeMetricFamily(
+            "riverline_data_drift_psi",
+            "Population stability index of a feature: latest block vs reference block.",
+            labels=[*part, "feature"],
+        )
+        label_psi = GaugeMetricFamily(
+            "riverline_label_drift_psi",
+            "PSI of the click label (click rate): latest block vs reference block.",
+            labels=part,
+        )
+        pred_psi = GaugeMetricFamily(
+            "riverline_prediction_drift_psi",
+            "PSI of the online model's predicted probability (10 bins): latest vs reference.",
+            labels=part,
+        )
         scores = {
             key: GaugeMetricFamily(name, doc, labels=["model", *part, "window"])
             for key, name, doc in SCORE_FIELDS
@@ -203,12 +246,40 @@ class WorkerCollector:
                 restore.add_metric(pl, lr.restore_seconds)
             with lr.lock:
                 lr.scores.flush()
-                windows = {"cumulative": lr.scores.cumulative(), "rolling": lr.scores.rolling()}
-            for window, sc in windows.items():
-                for key, _, _ in SCORE_FIELDS:
-                    value = getattr(sc, key)
-                    if not (isinstance(value, float) and math.isnan(value)):
-                        scores[key].add_metric(["online", *pl, window], value)
+                lr.batch_scores.flush()
+                per_model = {
+                    "online": (lr.scores.cumulative(), lr.scores.rolling()),
+                    "batch": (lr.batch_scores.cumulative(), lr.batch_scores.rolling()),
+                }
+            for model, (cum, roll) in per_model.items():
+                if not cum.labelled:
+                    continue  # e.g. the batch baseline before its first training
+                for window, sc in (("cumulative", cum), ("rolling", roll)):
+                    for key, _, _ in SCORE_FIELDS:
+                        value = getattr(sc, key)
+                        if not (isinstance(value, float) and math.isnan(value)):
+                            scores[key].add_metric([model, *pl, window], value)
+            if lr.drift is not None:
+                alarms.add_metric([*pl, lr.drift.detector_name], lr.drift.alarms)
+                if not math.isnan(lr.drift.estimate):
+                    estimate.add_metric([*pl, lr.drift.detector_name], lr.drift.estimate)
+                if lr.drift.last_alarm_time is not None:
+                    last_alarm.add_metric(pl, lr.drift.last_alarm_time)
+            resets.add_metric(pl, lr.resets)
+            if lr.baseline is not None:
+                trainings.add_metric(pl, lr.baseline.trainings)
+                if lr.baseline.trainings:
+                    training_s.add_metric(pl, lr.baseline.last_training_seconds)
+            if lr.data_drift is not None:
+                for feature, value in list(lr.data_drift.scores.items()):
+                    if math.isnan(value):
+                        continue
+                    if feature == "__label__":
+                        label_psi.add_metric(pl, value)
+                    elif feature == "__prediction__":
+                        pred_psi.add_metric(pl, value)
+                    else:
+                        data_psi.add_metric([*pl, feature], value)
         yield from (
             consumed,
             predicted,
@@ -219,6 +290,15 @@ class WorkerCollector:
             snap_bytes,
             snap_age,
             restore,
+            alarms,
+            estimate,
+            last_alarm,
+            resets,
+            trainings,
+            training_s,
+            data_psi,
+            label_psi,
+            pred_psi,
         )
         yield from scores.values()
         yield GaugeMetricFamily(
