@@ -240,6 +240,108 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+LEARNER_OPTIONS = (
+    "model",
+    "seed",
+    "window",
+    "baseline_window",
+    "baseline_retrain_every",
+    "drift_detector",
+    "drift_action",
+    "drift_grace",
+    "data_drift_block",
+    "data_drift_features",
+)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from worker.config import add_options
+    from worker.simulate import SCENARIOS
+
+    p = sub.add_parser(
+        "evaluate",
+        help="replay a stream without Kafka; chart and compare online vs offline learning",
+        description=(
+            "Replays a simulated scenario (or a JSON-lines file of click events) through "
+            "the worker's own learner code on one partition, then writes evaluation.png, "
+            "evaluation.csv and summary.md to --out-dir."
+        ),
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--scenario", choices=SCENARIOS, default="abrupt", help="simulated stream")
+    src.add_argument("--input", help="JSON-lines file of click events instead of a simulation")
+    p.add_argument("--count", type=int, default=60_000, help="simulated events (default 60000)")
+    p.add_argument("--sim-seed", type=int, default=42, help="simulation seed (default 42)")
+    p.add_argument("--users", type=int, default=1000, help="simulated users (default 1000)")
+    p.add_argument("--drift-at", type=int, help="true drift point (default count/2)")
+    p.add_argument("--every", type=int, default=500, help="a CSV row every N labelled events")
+    p.add_argument("--out-dir", default="evaluation", help="where to write (default evaluation/)")
+    add_options(p, only=LEARNER_OPTIONS)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from worker.config import settings_from_mapping
+    from worker.evaluate import (
+        encoded,
+        evaluate,
+        read_lines,
+        summary_markdown,
+        write_chart,
+        write_csv,
+    )
+    from worker.simulate import SimulationConfig, generate
+
+    values = {k: getattr(args, k) for k in LEARNER_OPTIONS}
+    settings = settings_from_mapping(
+        {**values, "bootstrap_servers": "unused:0"},
+        # Nothing is snapshotted here: any key will do.
+        env={**os.environ, "RIVERLINE_SNAPSHOT_KEY": "evaluate-needs-no-key"},
+    )
+    if args.every < 1:
+        raise ConfigError(f"--every must be >= 1, got {args.every}")
+    if args.input:
+        if not Path(args.input).is_file():
+            raise ConfigError(f"--input {args.input}: no such file")
+        messages = read_lines(args.input)
+        drift_point = None
+        title = f"riverline evaluate: {Path(args.input).name}"
+    else:
+        try:
+            cfg = SimulationConfig(
+                n_events=args.count,
+                seed=args.sim_seed,
+                n_users=args.users,
+                scenario=args.scenario,
+                drift_at=args.drift_at,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        messages = encoded(generate(cfg))
+        drift_point = cfg.drift_point
+        title = f"riverline evaluate: {args.scenario} scenario, {args.count:,} events"
+    result = evaluate(
+        messages,
+        model=settings.model,
+        seed=settings.seed,
+        window=settings.window,
+        options=settings.learner_options(),
+        drift_point=drift_point,
+        every=args.every,
+    )
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(result, out / "evaluation.csv")
+    write_chart(result, out / "evaluation.png", title)
+    summary = summary_markdown(result, title)
+    (out / "summary.md").write_text(summary)
+    print(summary)
+    print(f"wrote {out / 'evaluation.png'}, {out / 'evaluation.csv'}, {out / 'summary.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="riverline",
@@ -255,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_simulate(sub)
     _add_demo(sub)
+    _add_evaluate(sub)
     _add_broker(sub)
     return parser
 

@@ -234,9 +234,11 @@ def is_secret(key: str) -> bool:
     return any(w in k for w in SECRET_WORDS)
 
 
-def add_options(parser: argparse.ArgumentParser) -> None:
-    """Add every option as a flag; defaults are resolved later (flag > env > default)."""
+def add_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Add the options as flags; defaults are resolved later (flag > env > default)."""
     for opt in OPTIONS:
+        if only is not None and opt.name not in only:
+            continue
         shown = "unset" if opt.default is None else opt.default
         if opt.choices == ("true", "false"):
             # A switch: `--insecure-snapshots` alone means true.
