@@ -229,6 +229,15 @@ class Settings:
         return host or "0.0.0.0", int(port)
 
 
+def markdown_table() -> str:
+    """The configuration table of the README (a test keeps the README equal to it)."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for o in OPTIONS:
+        default = "—" if o.default in (None, "") else f"`{o.default}`"
+        rows.append(f"| `{o.flag}` | `{o.env}` | {default} | {o.help} |")
+    return "\n".join(rows) + "\n"
+
+
 def is_secret(key: str) -> bool:
     k = key.lower()
     return any(w in k for w in SECRET_WORDS)
