@@ -17,15 +17,25 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from worker.learner import PartitionLearner  # noqa: E402
-from worker.models import PRESETS, make_model  # noqa: E402
-from worker.simulate import SimulationConfig, generate  # noqa: E402
+from worker.learner import LearnerOptions, PartitionLearner
+from worker.models import PRESETS, make_model
+from worker.simulate import SimulationConfig, generate
 
 
-def preset_sizes(counts: list[int], presets: list[str]) -> list[dict[str, Any]]:
+def worker_options() -> LearnerOptions:
+    """The worker's default learner options (batch baseline, drift detectors)."""
+    from worker.config import settings_from_mapping
+
+    return settings_from_mapping(
+        {"bootstrap_servers": "unused:0"}, env={"RIVERLINE_SNAPSHOT_KEY": "x" * 16}
+    ).learner_options()
+
+
+def preset_sizes(counts: list[int], presets: list[str], full: bool) -> list[dict[str, Any]]:
     rows = []
+    options = worker_options() if full else None
     for preset in presets:
-        learner = PartitionLearner("clicks", 0, make_model(preset, seed=0))
+        learner = PartitionLearner("clicks", 0, make_model(preset, seed=0), options=options)
         done = 0
         stream = generate(SimulationConfig(n_events=max(counts), seed=1, n_users=100_000))
         for target in sorted(counts):
@@ -48,6 +58,10 @@ def preset_sizes(counts: list[int], presets: list[str]) -> list[dict[str, Any]]:
                     "snapshot_bytes": len(payload),
                     "dump_ms": dump_s * 1000,
                     "load_ms": load_s * 1000,
+                    "with": "baseline+drift" if full else "model+scores",
+                    "max_batch_training_s": learner.baseline.max_training_seconds
+                    if learner.baseline
+                    else None,
                 }
             )
             print(f"{preset} after {done:,} events: {len(payload) / 1e6:.2f} MB", file=sys.stderr)
@@ -111,19 +125,24 @@ def main() -> int:
     ap.add_argument("--events", type=int, nargs="*", default=[100_000])
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
     ap.add_argument("--restore-mb", type=int, default=0)
+    ap.add_argument(
+        "--full", action="store_true", help="with the worker's default baseline and drift state"
+    )
     ap.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
     ap.add_argument("--json")
     args = ap.parse_args()
     out: dict[str, Any] = {}
     if args.events:
-        rows = preset_sizes(args.events, args.presets)
+        rows = preset_sizes(args.events, args.presets, args.full)
         out["presets"] = rows
-        print("| preset | events | snapshot | pickle | unpickle |")
-        print("|---|---:|---:|---:|---:|")
+        print("| preset | events | state | snapshot | pickle | unpickle | worst batch training |")
+        print("|---|---:|---|---:|---:|---:|---:|")
         for r in rows:
             print(
-                f"| {r['preset']} | {r['events']:,} | {r['snapshot_bytes'] / 1e6:.2f} MB | "
-                f"{r['dump_ms']:.0f} ms | {r['load_ms']:.0f} ms |"
+                f"| {r['preset']} | {r['events']:,} | {r['with']} | "
+                f"{r['snapshot_bytes'] / 1e6:.2f} MB | {r['dump_ms']:.0f} ms | "
+                f"{r['load_ms']:.0f} ms | "
+                + (f"{r['max_batch_training_s']:.2f} s |" if r["max_batch_training_s"] else "– |")
             )
     if args.restore_mb:
         if not args.bootstrap:

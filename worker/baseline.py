@@ -61,6 +61,7 @@ class BatchBaseline:
         self.trainings = 0
         self.trained_at_labelled = 0  # labelled count at the last training
         self.last_training_seconds = 0.0
+        self.max_training_seconds = 0.0
         self.retrain_requested = False
 
     @property
@@ -148,3 +149,4 @@ class BatchBaseline:
             self.coef = {k: float(weights[i]) for k, i in vocab.items() if weights[i] != 0.0}
             self.intercept = float(model.intercept_[0])
         self.last_training_seconds = time.perf_counter() - started
+        self.max_training_seconds = max(self.max_training_seconds, self.last_training_seconds)
