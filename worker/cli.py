@@ -7,7 +7,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import orjson
 from confluent_kafka import KafkaException
 
 from worker import __version__
@@ -114,6 +116,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
+        report = worker.report()
+        log.info(
+            "processed %d messages in %.2fs of work (%.0f/s), %d checkpoints",
+            report["messages"],
+            report["seconds"],
+            report["rate"],
+            report["checkpoints"],
+        )
+        if settings.report_file:
+            Path(settings.report_file).write_bytes(orjson.dumps(report))
     log.info("stopped cleanly")
     return 0
 

@@ -148,6 +148,7 @@ OPTIONS: tuple[Option, ...] = (
         choices=("earliest", "latest"),
     ),
     Option("kafka_config", None, "file of librdkafka properties (key=value), e.g. SASL/SSL"),
+    Option("report_file", None, "at exit, write a JSON summary (messages, seconds, rate, RSS)"),
     Option(
         "create_topics",
         "true",
@@ -191,6 +192,7 @@ class Settings:
     instance_id: str | None = None
     auto_offset_reset: str = "earliest"
     kafka_config: str | None = None
+    report_file: str | None = None
     create_topics: str = "true"
     health_timeout: float = 60.0
     # librdkafka properties from --kafka-config and RIVERLINE_KAFKA_*.

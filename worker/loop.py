@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -99,6 +100,22 @@ class Worker:
         self.producer: Producer | None = None
 
     # -- lifecycle -------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        """What this process did: messages, busy seconds (first to last batch), rate, RSS."""
+        st = self.stats
+        busy = (
+            st.last_batch_at - st.first_batch_at
+            if st.first_batch_at is not None and st.last_batch_at is not None
+            else 0.0
+        )
+        return {
+            "messages": st.messages,
+            "seconds": busy,
+            "rate": st.messages / busy if busy > 0 else 0.0,
+            "checkpoints": st.commits,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -161,9 +178,13 @@ class Worker:
             now = time.monotonic()
             stats.beat()
             if msgs:
+                if stats.first_batch_at is None:
+                    stats.first_batch_at = now
                 self._process(msgs)
                 done = time.monotonic()
                 latency.observe(done - now, len(msgs))
+                stats.messages += len(msgs)
+                stats.last_batch_at = done
                 last_event = done
                 self._since_checkpoint += len(msgs)
             producer.poll(0)

@@ -70,6 +70,9 @@ class WorkerStats:
         self.latency = Histogram()
         self.rebalances: dict[str, int] = {"assigned": 0, "revoked": 0, "lost": 0}
         self.heartbeat = 0.0  # monotonic time of the last completed poll
+        self.messages = 0  # messages processed by this process
+        self.first_batch_at: float | None = None  # monotonic, start of the first batch
+        self.last_batch_at: float | None = None  # monotonic, end of the last batch
         self.started = False  # first assignment handled
         self.commits = 0
         self.aborts = 0
