@@ -78,15 +78,26 @@ class BatchBaseline:
         return out
 
     def predict(self, x: dict[str, Any]) -> float | None:
-        """Probability of a click, or None before the first training."""
+        """Probability of a click, or None before the first training.
+
+        The same tokens as :meth:`_features`, computed inline: this runs per event.
+        """
         coef = self.coef
         if coef is None:
             return None
+        get = coef.get
         z = self.intercept
-        for key, v in self._features(x):
-            w = coef.get(key)
-            if w is not None:
-                z += w * v
+        for k, v in x.items():
+            t = type(v)
+            if t is str or t is bool:
+                z += get((k, v), 0.0)
+            elif t is int:
+                z += get((k, str(v)), 0.0)
+            else:
+                z += get((k, None), 0.0) * v
+        for a, b in self.tokens.crosses:
+            if a in x and b in x:
+                z += get((f"{a}*{b}", f"{x[a]}|{x[b]}"), 0.0)
         if z >= 0:
             return 1.0 / (1.0 + math.exp(-z))
         e = math.exp(z)

@@ -153,15 +153,24 @@ class DataDrift:
             self._rebase = False
             return
         for name in self.features:
-            bucket = self._buckets[name].bucket
-            recent = Counter(bucket(x.get(name)) for x, _, _ in rows)
-            self.scores[name] = psi(self._ref_counts[name], recent)
+            self.scores[name] = psi(self._ref_counts[name], self._bucketed(name, rows))
         self.scores["__label__"] = psi(
             self._ref_counts["__label__"], Counter(y for _, y, _ in rows if y is not None)
         )
         self.scores["__prediction__"] = psi(
             self._ref_counts["__prediction__"], Counter(min(int(p * 10), 9) for _, _, p in rows)
         )
+
+    def _bucketed(
+        self, name: str, rows: list[tuple[dict[str, Any], bool | None, float]]
+    ) -> Counter[Any]:
+        """Bucket counts of one feature: count raw values first (in C), then bucket the
+        distinct values, so the per-event cost is one dict look-up."""
+        bucket = self._buckets[name].bucket
+        counts: Counter[Any] = Counter()
+        for value, n in Counter(x.get(name) for x, _, _ in rows).items():
+            counts[bucket(value)] += n
+        return counts
 
     def _set_reference(self, rows: list[tuple[dict[str, Any], bool | None, float]]) -> None:
         self._has_reference = True
@@ -174,8 +183,6 @@ class DataDrift:
                 ranked = sorted(names.items(), key=lambda kv: (-kv[1], kv[0]))
                 self.features = tuple(k for k, _ in ranked[: self.top_k])
         self._buckets = {n: _Feature([x.get(n) for x, _, _ in rows]) for n in self.features}
-        self._ref_counts = {
-            n: Counter(f.bucket(x.get(n)) for x, _, _ in rows) for n, f in self._buckets.items()
-        }
+        self._ref_counts = {n: self._bucketed(n, rows) for n in self.features}
         self._ref_counts["__label__"] = Counter(y for _, y, _ in rows if y is not None)
         self._ref_counts["__prediction__"] = Counter(min(int(p * 10), 9) for _, _, p in rows)
