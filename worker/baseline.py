@@ -34,7 +34,7 @@ import time
 from collections import deque
 from typing import Any
 
-from worker.models import DEFAULT_CROSSES, ClickTokens
+from worker.models import DEFAULT_CROSSES, FLOAT_LIMIT, ClickTokens
 
 
 class BatchBaseline:
@@ -93,8 +93,8 @@ class BatchBaseline:
                 z += get((k, v), 0.0)
             elif t is int:
                 z += get((k, str(v)), 0.0)
-            else:
-                z += get((k, None), 0.0) * v
+            else:  # a float, clipped as ClickTokens clips it
+                z += get((k, None), 0.0) * min(max(v, -FLOAT_LIMIT), FLOAT_LIMIT)
         for a, b in self.tokens.crosses:
             if a in x and b in x:
                 z += get((f"{a}*{b}", f"{x[a]}|{x[b]}"), 0.0)

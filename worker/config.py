@@ -196,7 +196,7 @@ class Settings:
     create_topics: str = "true"
     health_timeout: float = 60.0
     # librdkafka properties from --kafka-config and RIVERLINE_KAFKA_*.
-    kafka: Mapping[str, str] = field(default_factory=dict)
+    kafka: Mapping[str, str] = field(default_factory=dict, repr=False)
     # HMAC key of the snapshots, from RIVERLINE_SNAPSHOT_KEY or --snapshot-key-file.
     snapshot_key: bytes = field(default=b"", repr=False)
 

@@ -87,18 +87,29 @@ def compile_schema(name: str, directory: Path | None = None) -> Any:
 def _classify_decode_error(raw: bytes, exc: Exception) -> InvalidEvent:
     """Say why orjson refused the bytes; only runs for bad messages."""
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as ue:
         return InvalidEvent(INVALID_UTF8, f"value is not valid UTF-8 at byte {ue.start}")
     if "infinity" in str(exc):
         return InvalidEvent(NON_FINITE_NUMBER, f"number out of double range: {exc}")
+    constants: list[str] = []
+
+    def constant(name: str) -> float:
+        constants.append(name)
+        return 0.0
+
     try:
-        # The standard library accepts NaN and Infinity literals (Python's json.dumps
-        # writes them); if it parses, the only problem was a non-finite number.
-        json.loads(raw)
+        # The standard library parses NaN and Infinity literals (Python's json.dumps
+        # writes them) and reports each one here. Parse the str, not the bytes, so that
+        # a byte-order mark is refused as orjson refuses it.
+        json.loads(text, parse_constant=constant)
     except ValueError:
         return InvalidEvent(INVALID_JSON, f"value is not valid JSON: {exc}")
-    return InvalidEvent(NON_FINITE_NUMBER, "value contains NaN or Infinity, which JSON forbids")
+    if constants:
+        return InvalidEvent(NON_FINITE_NUMBER, f"value contains {constants[0]}, which JSON forbids")
+    # Valid for the standard library, no NaN or Infinity, yet refused by orjson: e.g. a
+    # lone surrogate escape such as "\ud800", which no UTF-8 string can hold.
+    return InvalidEvent(INVALID_JSON, f"value is not valid JSON: {exc}")
 
 
 @dataclass(frozen=True)

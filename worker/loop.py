@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 WATERMARK_INTERVAL = 1.0
 TXN_TIMEOUT = 60.0
 _LOGGED_PER_REASON = 10  # dead letters logged one by one, then every 10,000th
+# librdkafka refuses to produce a record above message.max.bytes (default 1,000,000),
+# yet the input topic may hold larger ones: their dead letters carry a prefix only.
+DEAD_LETTER_HEADROOM = 64 * 1024  # for the key and the headers
 
 
 class Worker:
@@ -272,7 +275,12 @@ class Worker:
             ("riverline.source.timestamp", str(ts).encode()),
             ("riverline.worker", f"riverline-{__version__}".encode()),
         ]
-        self._produce(self.settings.dead_letter_topic, msg.value(), msg.key(), headers)
+        value = msg.value()
+        limit = int(self.settings.kafka.get("message.max.bytes", 1_000_000)) - DEAD_LETTER_HEADROOM
+        if value is not None and len(value) > limit:
+            headers.append(("riverline.value.truncated", str(len(value)).encode()))
+            value = value[:limit]
+        self._produce(self.settings.dead_letter_topic, value, msg.key(), headers)
         learner.dead_lettered[reason] += 1
         n = self._dead_logged.get(reason, 0) + 1
         self._dead_logged[reason] = n

@@ -37,6 +37,9 @@ SAMPLE_X: dict[str, Any] = {
 }
 
 
+FLOAT_LIMIT = 1e6  # numeric features are clipped to [-FLOAT_LIMIT, FLOAT_LIMIT]
+
+
 class ClickTokens(base.Transformer):
     """Turn a click event's ``x`` into hashable tokens and add crossed features.
 
@@ -52,10 +55,22 @@ class ClickTokens(base.Transformer):
     """
 
     def __init__(self, crosses: Sequence[tuple[str, str]] = ()) -> None:
-        self.crosses = tuple(tuple(c) for c in crosses)
+        # A list: River's clone() mistakes an empty tuple parameter for a (class, params)
+        # pair and raises IndexError (the fm preset has no crosses).
+        self.crosses = [tuple(c) for c in crosses]
 
     def transform_one(self, x: dict[Any, Any]) -> dict[Any, Any]:
-        out = {k: (str(v) if type(v) is int else v) for k, v in x.items()}
+        out: dict[Any, Any] = {}
+        for k, v in x.items():
+            t = type(v)
+            if t is int:
+                out[k] = str(v)
+            elif t is float:
+                # The schema allows any finite double, but 1e300 overflows a model's
+                # update half-way (FM squares it) and leaves NaN in its weights.
+                out[k] = min(max(v, -FLOAT_LIMIT), FLOAT_LIMIT)
+            else:
+                out[k] = v
         for a, b in self.crosses:
             if a in x and b in x:
                 out[f"{a}*{b}"] = f"{x[a]}|{x[b]}"
