@@ -42,6 +42,8 @@ class PoisonGuard(base.Classifier):
 
     * ``features {"poison": true}``: ``predict_proba_one`` raises;
     * ``features {"poison_learn": true}``: ``learn_one`` raises (before any update);
+    * ``features {"poison_half": true}``: ``learn_one`` updates the model with a wrong
+      label, then raises (a half-done update the worker must roll back);
     * ``features {"poison_nan": true}``: ``predict_proba_one`` returns NaN.
     """
 
@@ -51,6 +53,10 @@ class PoisonGuard(base.Classifier):
     def learn_one(self, x: dict[str, Any], y: Any) -> None:
         if x.get("poison_learn") is True:
             raise RuntimeError("poisoned event in learn_one")
+        if x.get("poison_half") is True:
+            for _ in range(20):
+                self.inner.learn_one(x, not y)
+            raise RuntimeError("poisoned event in learn_one, after changing the model")
         self.inner.learn_one(x, y)
 
     def predict_proba_one(self, x: dict[str, Any]) -> dict[Any, float]:

@@ -43,7 +43,15 @@ class LearnerOptions:
 
 
 class ModelError(Exception):
-    """The model raised on one event; the event is dead-lettered, the worker goes on."""
+    """The model raised on one event; the event is dead-lettered, the worker goes on.
+
+    ``during_learn`` says the model may have changed part of its state before raising:
+    the worker then rewinds the partition to its last snapshot (see ``loop.py``).
+    """
+
+    def __init__(self, message: str, during_learn: bool = False) -> None:
+        super().__init__(message)
+        self.during_learn = during_learn
 
 
 class PartitionLearner:
@@ -122,7 +130,9 @@ class PartitionLearner:
             try:
                 model.learn_one(x, y)
             except Exception as exc:
-                raise ModelError(f"learn_one raised {type(exc).__name__}: {exc}") from exc
+                raise ModelError(
+                    f"learn_one raised {type(exc).__name__}: {exc}", during_learn=True
+                ) from exc
             self.learned += 1
             self.scores.add(y, p)
             if pb is not None:

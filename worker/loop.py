@@ -97,6 +97,9 @@ class Worker:
         # (payload or None for "fresh model") and the input offset it reflects.
         self._committed: dict[int, tuple[bytes | None, int | None]] = {}
         self._pending_payloads: dict[int, tuple[bytes, int]] = {}
+        # Events whose learn_one raised: (partition, offset) -> error. Replays dead-letter
+        # them instead of learning from them again.
+        self._poisoned: dict[tuple[int, int], str] = {}
         self._assigned_at = 0.0
         self._error_logged: dict[int, float] = {}
         self.consumer: Consumer | None = None
@@ -214,26 +217,42 @@ class Worker:
         produce = self._produce
         dumps = orjson.dumps
         out_topic = self.settings.output_topic
+        rewound: set[int] = set()
         for msg in msgs:
             err = msg.error()
             if err is not None:
                 self._consume_error(err)
                 continue
-            learner = learners.get(msg.partition())  # type: ignore[arg-type]
-            if learner is None:  # revoked between fetch and now: the new owner reads it
-                continue
+            partition: int = msg.partition()  # type: ignore[assignment]
+            learner = learners.get(partition)
+            if learner is None or partition in rewound:
+                continue  # revoked meanwhile (the new owner reads it) or seeking back
             offset: int = msg.offset()  # type: ignore[assignment]
             if learner.next_offset is not None and offset < learner.next_offset:
                 continue  # already reflected in the restored model (e.g. after a seek)
             if learner.first_offset is None:
                 learner.first_offset = offset
             learner.consumed += 1
+            poisoned = self._poisoned.get((partition, offset)) if self._poisoned else None
             try:
+                if poisoned is not None:
+                    raise ModelError(poisoned)
                 event = decode(msg.value())
                 prediction = learner.predict_learn(event, offset)
             except InvalidEvent as exc:
                 self._dead_letter(msg, learner, exc.reason, str(exc))
             except ModelError as exc:
+                if exc.during_learn:
+                    # The model may be half-updated: return the partition to its last
+                    # snapshot and replay; this event is then dead-lettered, unlearned.
+                    self._poisoned[(partition, offset)] = str(exc)
+                    if self.eos:
+                        self._abort_and_rewind(f"learn_one raised at {where(msg)}")
+                        return
+                    log.warning("%s: %s; rewinding the partition", where(msg), exc)
+                    self._rewind_partition(learner)
+                    rewound.add(partition)
+                    continue
                 self._dead_letter(msg, learner, MODEL_ERROR, str(exc))
             else:
                 produce(out_topic, dumps(prediction), event["user_id"].encode(), None)
@@ -262,8 +281,7 @@ class Worker:
                 self.producer.poll(0.05)
 
     def _dead_letter(self, msg: Message, learner: PartitionLearner, reason: str, text: str) -> None:
-        where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
-        error = f"{where}: {text}"[:2000]
+        error = f"{where(msg)}: {text}"[:2000]
         _ts_type, ts = msg.timestamp()
         headers = list(msg.headers() or [])
         headers += [
@@ -351,8 +369,7 @@ class Worker:
                 self._produce(self.store.state_topic, value, key, None, state_partition)
             lr.snapshot_bytes = manifest.size
             total += manifest.size
-            if self.eos:
-                self._pending_payloads[lr.partition] = (payload, lr.next_offset)
+            self._pending_payloads[lr.partition] = (payload, lr.next_offset)
         return total
 
     def _checkpoint(self) -> None:
@@ -373,7 +390,6 @@ class Worker:
             if not self._in_txn:  # e.g. a revocation right after a commit
                 self._txn_call("begin_transaction", self.producer.begin_transaction)
                 self._in_txn = True
-            self._pending_payloads = {}
             self._write_snapshots(due)
             try:
                 self.producer.send_offsets_to_transaction(
@@ -383,8 +399,6 @@ class Worker:
             except _AbortNeeded as exc:
                 self._abort_and_rewind(str(exc))
                 return
-            for p, (payload, offset) in self._pending_payloads.items():
-                self._committed[p] = (payload, offset)
         else:
             self._flush()  # predictions and dead letters acknowledged
             self._write_snapshots(due)
@@ -403,6 +417,13 @@ class Worker:
                     log.warning(
                         "commit of %s[%d] failed: %s", tp.topic, tp.partition, describe(tp.error)
                     )
+        # The rewind points: an aborted transaction or a model that raised in learn_one
+        # returns its partition to these.
+        self._committed.update(self._pending_payloads)
+        self._pending_payloads = {}
+        for p, offset in list(self._poisoned):
+            if p in self._committed and offset < (self._committed[p][1] or 0):
+                del self._poisoned[(p, offset)]
         now = time.time()
         for lr in due:
             lr.snapshot_offset = lr.next_offset
@@ -442,30 +463,34 @@ class Worker:
 
     def _abort_and_rewind(self, why: str) -> None:
         """Abort the open transaction; every learner returns to its last committed state."""
-        assert self.producer is not None and self.consumer is not None
+        assert self.producer is not None
         log.warning("aborting the transaction (%s); rewinding to the last checkpoint", why)
         self._txn_call("abort_transaction", self.producer.abort_transaction, TXN_TIMEOUT)
         self._in_txn = False
         self._delivery_error = None
         self.stats.aborts += 1
-        for p, lr in list(self.stats.learners.items()):
-            payload, offset = self._committed.get(p, (None, None))
-            if payload is not None and offset is not None:
-                fresh = PartitionLearner.restore(
-                    lr.topic,
-                    p,
-                    payload,
-                    offset,
-                    options=self.learner_options,
-                    new_model=self.new_model,
-                )
-            else:
-                fresh = self._fresh_learner(lr.topic, p)
-                offset = lr.first_offset
+        self._pending_payloads = {}
+        for lr in list(self.stats.learners.values()):
+            self._rewind_partition(lr)
+
+    def _rewind_partition(self, lr: PartitionLearner) -> None:
+        """Replace a learner by its last committed snapshot and seek back to its offset."""
+        assert self.consumer is not None
+        p = lr.partition
+        payload, offset = self._committed.get(p, (None, None))
+        if payload is not None and offset is not None:
+            fresh = PartitionLearner.restore(
+                lr.topic, p, payload, offset, options=self.learner_options, new_model=self.new_model
+            )
             fresh.snapshot_offset = offset
-            self.stats.learners[p] = fresh
-            if offset is not None:
-                self.consumer.seek(TopicPartition(lr.topic, p, offset))
+        else:  # no snapshot yet: a fresh model from the first offset processed
+            fresh = self._fresh_learner(lr.topic, p)
+            offset = lr.first_offset
+        fresh.snapshot_bytes, fresh.snapshot_at = lr.snapshot_bytes, lr.snapshot_at
+        fresh.committed_offset, fresh.high_watermark = lr.committed_offset, lr.high_watermark
+        self.stats.learners[p] = fresh
+        if offset is not None:
+            self.consumer.seek(TopicPartition(lr.topic, p, offset))
 
     # -- rebalance callbacks (run inside consume()) -------------------------------------
     def _fresh_learner(self, topic: str, partition: int) -> PartitionLearner:
@@ -578,6 +603,11 @@ class Worker:
                     self._txn_call("abort_transaction", producer.abort_transaction, TXN_TIMEOUT)
                     self._in_txn = False
                 producer.flush(30)
+
+
+def where(msg: Message) -> str:
+    """``topic[partition]@offset`` of a message."""
+    return f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
 
 
 class _AbortNeeded(RiverlineError):
