@@ -21,6 +21,29 @@ log = logging.getLogger(__name__)
 librdkafka_log = logging.getLogger("librdkafka")
 
 
+class _Repeats(logging.Filter):
+    """librdkafka logs each failed reconnect; during an outage show each line once per 10 s."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self.seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Drop the varying "(after N ms in state X)" tail before comparing.
+        text = record.getMessage().split(" (after ", 1)[0]
+        now = time.monotonic()
+        if now - self.seen.get(text, -1e9) < self.every:
+            return False
+        if len(self.seen) > 1000:
+            self.seen.clear()
+        self.seen[text] = now
+        return True
+
+
+librdkafka_log.addFilter(_Repeats())
+
+
 class KafkaFatalError(RiverlineError):
     """A Kafka error the worker cannot ride out (fatal client error, lost delivery)."""
 

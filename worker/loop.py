@@ -101,6 +101,7 @@ class Worker:
         # them instead of learning from them again.
         self._poisoned: dict[tuple[int, int], str] = {}
         self._assigned_at = 0.0
+        self._lost_at = 0.0
         self._error_logged: dict[int, float] = {}
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
@@ -207,6 +208,10 @@ class Worker:
             if not stats.started or self._assigned_at > last_event:
                 last_event = now  # idle time counts from the last (re)assignment
             elif idle_limit and now - last_event >= idle_limit:
+                if not self._input_exhausted():
+                    # The idle time counts again from now.
+                    last_event = time.monotonic()
+                    continue
                 log.info("no new event for %.1fs (--exit-when-idle): stopping", idle_limit)
                 break
 
@@ -325,6 +330,19 @@ class Worker:
                 f"{describe(self._delivery_error)}; stopping so that its offset is never "
                 "committed (the restart replays it)"
             )
+
+    def _input_exhausted(self) -> bool:
+        """May ``--exit-when-idle`` stop now? Not while partitions lost in a session
+        timeout are not given back yet, nor while the broker does not answer: no event
+        can arrive then, but that is not the end of the input."""
+        assert self.consumer is not None
+        if self._lost_at > self._assigned_at:
+            return False
+        try:
+            self.consumer.list_topics(self.settings.input_topic, timeout=5.0)
+        except KafkaException:
+            return False
+        return True
 
     def _refresh_lag(self) -> None:
         assert self.consumer is not None
@@ -577,6 +595,7 @@ class Worker:
         self.stats.rebalances["revoked"] += len(revoked)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._lost_at = time.monotonic()
         # Another member owns them now: checkpointing would be wrong.
         if self.eos and self._in_txn:
             self._abort_and_rewind("partitions lost")
