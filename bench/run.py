@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,9 @@ def latency(bs: str, rate: float, seconds: float, n_users: int) -> dict[str, Any
     out = f"{topic}-pred"
     ensure_topic(bs, topic, 1)
     group = f"bench-lat-{uuid.uuid4().hex[:6]}"
+    from worker.broker import free_port
+
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -239,15 +243,25 @@ def latency(bs: str, rate: float, seconds: float, n_users: int) -> dict[str, Any
         "--group-id",
         group,
         "--metrics-address",
-        "off",
+        f"127.0.0.1:{port}",
         "--exit-when-idle",
         "4",
         "--auto-offset-reset",
         "earliest",
     ]
     env = {**os.environ, "RIVERLINE_SNAPSHOT_KEY": KEY}
-    worker = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)  # join the group before the clock starts
+    worker = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    # The clock starts once the worker owns the partition: a backlog built while it joins
+    # the group would be measured as latency.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
+                if json.loads(r.read())["partitions"]:
+                    break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
     n = int(rate * seconds)
     events = generate(SimulationConfig(n_events=n, seed=3, scenario="none", n_users=n_users))
     p = Producer({"bootstrap.servers": bs, "linger.ms": 0})
