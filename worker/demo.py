@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -126,10 +127,11 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
     feeder = threading.Thread(target=feed, name="simulate", daemon=True)
     runner = threading.Thread(target=work, name="worker", daemon=True)
     # Keep the last scores: learners are dropped when the worker leaves the group.
-    last: dict[int, tuple[int, int, int, int, float, float]] = {}
+    last: dict[int, tuple[int, int, int, int, float, float, float, int]] = {}
     started = time.monotonic()
     runner.start()
     feeder.start()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     worker.install_signal_handlers()
     prev_consumed, prev_t = 0, started
     try:
@@ -139,7 +141,9 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             for p, lr in list(worker.stats.learners.items()):
                 with lr.lock:
                     lr.scores.flush()
+                    lr.batch_scores.flush()
                     cum, roll = lr.scores.cumulative(), lr.scores.rolling()
+                    batch_roll = lr.batch_scores.rolling()
                 last[p] = (
                     lr.consumed,
                     lr.predicted,
@@ -147,16 +151,22 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
                     sum(lr.dead_lettered.values()),
                     cum.roc_auc,
                     roll.roc_auc,
+                    batch_roll.roc_auc,
+                    lr.drift.alarms if lr.drift is not None else 0,
                 )
             consumed = sum(v[0] for v in last.values())
             dead = sum(v[3] for v in last.values())
             rate = (consumed - prev_consumed) / max(now - prev_t, 1e-9)
             prev_consumed, prev_t = consumed, now
-            aucs = " ".join(f"p{p}={_fmt(v[5])}" for p, v in sorted(last.items()))
+            aucs = " ".join(
+                f"p{p} {_fmt(v[5]).strip()}/{_fmt(v[6]).strip()}" for p, v in sorted(last.items())
+            )
+            alarms = sum(v[7] for v in last.values())
             phase = "after drift " if consumed > drift_at else "before drift"
             print(
                 f"[{now - started:5.1f}s] consumed {consumed:>7,} ({rate:>7,.0f}/s) {phase} | "
-                f"rolling AUC {aucs or '-'} | dead letters {dead}",
+                f"rolling AUC online/batch {aucs or '-'} | drift alarms {alarms} | "
+                f"dead letters {dead}",
                 file=out,
                 flush=True,
             )
@@ -164,17 +174,23 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         worker.request_stop()
         runner.join(30)
         server.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if errors:
         raise errors[0]
-    print("\nsummary (online model, per partition)", file=out)
     print(
-        "| partition | consumed | predicted | learned | dead-lettered | cumulative AUC | rolling AUC |",
+        "\nsummary per partition (AUC: ROC AUC; rolling = the last 1,000 labelled events)", file=out
+    )
+    print(
+        "| partition | consumed | predicted | learned | dead-lettered | online AUC | "
+        "online rolling AUC | batch rolling AUC | drift alarms |",
         file=out,
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|", file=out)
-    for p, (c, pr, le, d, cum_auc, roll_auc) in sorted(last.items()):
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|", file=out)
+    for p, (c, pr, le, d, cum_auc, roll_auc, batch_auc, n_alarms) in sorted(last.items()):
         print(
-            f"| {p} | {c:,} | {pr:,} | {le:,} | {d:,} | {_fmt(cum_auc)} | {_fmt(roll_auc)} |",
+            f"| {p} | {c:,} | {pr:,} | {le:,} | {d:,} | {_fmt(cum_auc)} | {_fmt(roll_auc)} | "
+            f"{_fmt(batch_auc)} | {n_alarms} |",
             file=out,
         )
     total = sum(v[0] for v in last.values())
