@@ -127,36 +127,43 @@ def ceiling(bs: str, topic: str, n: int) -> float:
     return seen / (last - first)
 
 
+def worker_cmd(bs: str, topic: str, group: str, *extra: str) -> list[str]:
+    """``riverline run`` on ``topic`` with fresh output topics and no metrics server."""
+    return [
+        sys.executable,
+        "-m",
+        "worker",
+        "--log-level",
+        "WARNING",
+        "run",
+        "--bootstrap-servers",
+        bs,
+        "--input-topic",
+        topic,
+        "--output-topic",
+        f"{topic}-pred",
+        "--dead-letter-topic",
+        f"{topic}-dlq",
+        "--group-id",
+        group,
+        "--metrics-address",
+        "off",
+        *extra,
+    ]
+
+
 def riverline(
     bs: str, topic: str, extra: list[str], label: str, n: int | None = None
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "worker",
-            "--log-level",
-            "WARNING",
-            "run",
-            "--bootstrap-servers",
-            bs,
-            "--input-topic",
-            topic,
-            "--output-topic",
-            f"{topic}-pred-{uuid.uuid4().hex[:6]}",
-            "--dead-letter-topic",
-            f"{topic}-dlq-{uuid.uuid4().hex[:6]}",
-            "--group-id",
-            f"bench-{uuid.uuid4().hex[:8]}",
-            "--metrics-address",
-            "off",
-            "--exit-when-idle",
-            "3",
-            "--report-file",
-            str(report),
-            *extra,
-        ]
+        group = f"bench-{uuid.uuid4().hex[:8]}"
+        cmd = worker_cmd(
+            bs, topic, group, "--exit-when-idle", "3", "--report-file", str(report), *extra
+        )
+        # Fresh output topics per run (the input is shared).
+        cmd[cmd.index("--output-topic") + 1] = f"{topic}-pred-{group}"
+        cmd[cmd.index("--dead-letter-topic") + 1] = f"{topic}-dlq-{group}"
         env = {**os.environ, "RIVERLINE_SNAPSHOT_KEY": KEY}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
@@ -225,30 +232,8 @@ def latency(bs: str, rate: float, seconds: float, n_users: int) -> dict[str, Any
     from worker.broker import free_port
 
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "worker",
-        "--log-level",
-        "WARNING",
-        "run",
-        "--bootstrap-servers",
-        bs,
-        "--input-topic",
-        topic,
-        "--output-topic",
-        out,
-        "--dead-letter-topic",
-        f"{topic}-dlq",
-        "--group-id",
-        group,
-        "--metrics-address",
-        f"127.0.0.1:{port}",
-        "--exit-when-idle",
-        "4",
-        "--auto-offset-reset",
-        "earliest",
-    ]
+    cmd = worker_cmd(bs, topic, group, "--exit-when-idle", "4")
+    cmd[cmd.index("--metrics-address") + 1] = f"127.0.0.1:{port}"
     env = {**os.environ, "RIVERLINE_SNAPSHOT_KEY": KEY}
     worker = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
     # The clock starts once the worker owns the partition: a backlog built while it joins
@@ -320,28 +305,7 @@ def memory(bs: str, n: int) -> dict[str, Any]:
             except BufferError:
                 p.poll(0.05)
     p.flush(300)
-    cmd = [
-        sys.executable,
-        "-m",
-        "worker",
-        "--log-level",
-        "WARNING",
-        "run",
-        "--bootstrap-servers",
-        bs,
-        "--input-topic",
-        topic,
-        "--output-topic",
-        f"{topic}-pred",
-        "--dead-letter-topic",
-        f"{topic}-dlq",
-        "--group-id",
-        f"bench-mem-{uuid.uuid4().hex[:6]}",
-        "--metrics-address",
-        "off",
-        "--exit-when-idle",
-        "3",
-    ]
+    cmd = worker_cmd(bs, topic, f"bench-mem-{uuid.uuid4().hex[:6]}", "--exit-when-idle", "3")
     env = {**os.environ, "RIVERLINE_SNAPSHOT_KEY": KEY}
     worker = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
     samples: list[float] = []
