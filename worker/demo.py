@@ -140,8 +140,6 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             now = time.monotonic()
             for p, lr in list(worker.stats.learners.items()):
                 with lr.lock:
-                    lr.scores.flush()
-                    lr.batch_scores.flush()
                     cum, roll = lr.scores.cumulative(), lr.scores.rolling()
                     batch_roll = lr.batch_scores.rolling()
                 last[p] = (

@@ -91,6 +91,7 @@ class PartitionLearner:
             else None
         )
         self.resets = 0  # online model resets by the drift action
+        self._folded_at = 0.0
         # Guards `scores` between the loop (flush) and a scrape (read).
         self.lock = threading.Lock()
         self.consumed = 0
@@ -212,10 +213,21 @@ class PartitionLearner:
         learner.next_offset = next_offset
         return learner
 
-    def end_batch(self) -> None:
+    def end_batch(self, force: bool = True) -> None:
+        """Fold pending (label, probability) pairs into the scores. Only the loop thread
+        calls this (it alone appends pairs); readers take ``lock`` and never flush.
+
+        With ``force=False`` small batches are folded at most every 0.5 s or 256 pairs:
+        the numpy fold costs tens of µs, too much per batch of a few events.
+        """
+        if not force and (
+            len(self.scores._pending_y) < 256 and time.monotonic() - self._folded_at < 0.5
+        ):
+            return
         with self.lock:
             self.scores.flush()
             self.batch_scores.flush()
+        self._folded_at = time.monotonic()
 
     @property
     def lag(self) -> int | None:

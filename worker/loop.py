@@ -120,7 +120,7 @@ class Worker:
             "seconds": busy,
             "rate": st.messages / busy if busy > 0 else 0.0,
             "checkpoints": st.commits,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss(),
         }
 
     def request_stop(self) -> None:
@@ -181,7 +181,12 @@ class Worker:
             if self.eos and not self._in_txn:
                 self._txn_call("begin_transaction", producer.begin_transaction)
                 self._in_txn = True
-            msgs = consumer.consume(s.batch_size, timeout=0.1)
+            # Take what is already fetched without waiting; only when nothing is, block
+            # until the next message. (consume(n, timeout) waits for n messages or the
+            # whole timeout, which would add up to the timeout to every event's latency.)
+            msgs = consumer.consume(s.batch_size, timeout=0)
+            if not msgs:
+                msgs = consumer.consume(1, timeout=0.1)
             now = time.monotonic()
             stats.beat()
             if msgs:
@@ -194,6 +199,8 @@ class Worker:
                 stats.last_batch_at = done
                 last_event = done
                 self._since_checkpoint += len(msgs)
+            for learner in list(stats.learners.values()):
+                learner.end_batch(force=False)  # also while idle: scrapes stay fresh
             producer.poll(0)
             self._check_delivery()
             now = time.monotonic()
@@ -262,8 +269,6 @@ class Worker:
             else:
                 produce(out_topic, dumps(prediction), event["user_id"].encode(), None)
             learner.next_offset = offset + 1
-        for learner in list(learners.values()):
-            learner.end_batch()
 
     def _produce(
         self,
@@ -622,6 +627,18 @@ class Worker:
                     self._txn_call("abort_transaction", producer.abort_transaction, TXN_TIMEOUT)
                     self._in_txn = False
                 producer.flush(30)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, reset by exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def where(msg: Message) -> str:

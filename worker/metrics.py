@@ -247,9 +247,7 @@ class WorkerCollector:
                 snap_age.add_metric(pl, max(0.0, wall - lr.snapshot_at))
             if lr.restore_seconds is not None:
                 restore.add_metric(pl, lr.restore_seconds)
-            with lr.lock:
-                lr.scores.flush()
-                lr.batch_scores.flush()
+            with lr.lock:  # the loop folds pending pairs; a scrape only reads
                 per_model = {
                     "online": (lr.scores.cumulative(), lr.scores.rolling()),
                     "batch": (lr.batch_scores.cumulative(), lr.batch_scores.rolling()),
