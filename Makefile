@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest demo evaluate venv promtool broker-start broker-stop broker-status bench clean
+.PHONY: test lint typecheck pytest demo evaluate bench venv promtool broker-start broker-stop broker-status clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,9 @@ test: lint typecheck pytest
 
 demo: venv
 	$(BIN)/riverline demo
+
+bench: venv
+	$(BIN)/python bench/run.py
 
 evaluate: venv
 	$(BIN)/riverline evaluate --out-dir bench/evaluation/abrupt
