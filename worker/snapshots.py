@@ -141,6 +141,23 @@ class Manifest:
             raise SnapshotError(f"unreadable snapshot manifest: {exc}") from exc
 
 
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float = 60.0) -> tuple[int, int]:
+    """Low and high offsets of a partition. A topic created a moment ago may not be in
+    the client's metadata yet ("unknown partition"), and a broker may be restarting:
+    anything but a fatal error is retried for a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            return int(low), int(high)
+        except KafkaException as exc:
+            if exc.args[0].fatal() or time.monotonic() > deadline:
+                raise SnapshotError(
+                    f"cannot read the offsets of {tp.topic}[{tp.partition}]: {exc.args[0].str()}"
+                ) from exc
+            time.sleep(0.2)
+
+
 @dataclass
 class _Scan:
     manifest: bytes | None = None
@@ -214,6 +231,15 @@ class SnapshotStore:
                 raise SnapshotError(
                     f"cannot create state topic {self.state_topic!r}: {exc}"
                 ) from exc
+        # Wait until the new topic is in the cluster metadata before anyone reads it.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            meta = client.list_topics(self.state_topic, timeout=timeout).topics.get(
+                self.state_topic
+            )
+            if meta is not None and not meta.error and len(meta.partitions) == n:
+                break
+            time.sleep(0.1)
         self.state_partitions = n
 
     # -- writing -------------------------------------------------------------------
@@ -284,8 +310,7 @@ class SnapshotStore:
             pending: set[int] = set()
             assignment = []
             for sp in wanted:
-                tp = TopicPartition(self.state_topic, sp)
-                low, high = consumer.get_watermark_offsets(tp, timeout=30)
+                low, high = _watermarks(consumer, TopicPartition(self.state_topic, sp))
                 if high > low:
                     assignment.append(TopicPartition(self.state_topic, sp, low))
                     pending.add(sp)
