@@ -10,28 +10,16 @@ import pytest
 from confluent_kafka import Producer
 
 from tests.conftest import TopicFactory
+from tests.helpers import assert_same_scores
 from worker.config import settings_from_mapping
 from worker.evaluate import encoded, evaluate
 from worker.loop import Worker
-from worker.scoring import Scores
 from worker.simulate import SimulationConfig, generate
 from worker.snapshots import Signer, SnapshotStore
 
 pytestmark = pytest.mark.integration
 
 KEY = "evaluate-equals-worker-key-0123"
-
-
-def _same(mine: Scores, ref: Scores) -> None:
-    assert (mine.labelled, mine.positives, mine.accuracy, mine.roc_auc) == (
-        ref.labelled,
-        ref.positives,
-        ref.accuracy,
-        ref.roc_auc,
-    )
-    # Float sums folded at other batch boundaries may differ in the last bits.
-    assert mine.log_loss == pytest.approx(ref.log_loss, rel=1e-12)
-    assert mine.mean_prediction == pytest.approx(ref.mean_prediction, rel=1e-12)
 
 
 def test_evaluate_numbers_equal_the_workers(kafka_bootstrap: str, new_topic: TopicFactory) -> None:
@@ -85,10 +73,10 @@ def test_evaluate_numbers_equal_the_workers(kafka_bootstrap: str, new_topic: Top
         drift_point=cfg.drift_point,
     )
     assert result.events == len(events)
-    _same(state["scores"].cumulative(), result.final["online"])
-    _same(state["scores"].rolling(), result.final["online_rolling"])
-    _same(state["batch_scores"].cumulative(), result.final["batch"])
-    _same(state["batch_scores"].rolling(), result.final["batch_rolling"])
+    assert_same_scores(state["scores"].cumulative(), result.final["online"])
+    assert_same_scores(state["scores"].rolling(), result.final["online_rolling"])
+    assert_same_scores(state["batch_scores"].cumulative(), result.final["batch"])
+    assert_same_scores(state["batch_scores"].rolling(), result.final["batch_rolling"])
     assert state["drift"].alarms == len(result.alarms) >= 1
     assert state["baseline"].trainings == len(result.trainings) == 1
     assert state["data_drift"].scores == result.psi

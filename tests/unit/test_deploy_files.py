@@ -34,12 +34,10 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers import featured_stats
 from worker.cli import build_parser
 from worker.config import OPTIONS, settings_from_mapping
-from worker.learner import LearnerOptions, PartitionLearner
 from worker.metrics import CHECKPOINT_BUCKETS, MetricsServer, WorkerCollector, WorkerStats
-from worker.models import model_factory
-from worker.simulate import SimulationConfig, generate
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -97,22 +95,7 @@ def _alert_rules() -> list[dict[str, Any]]:
 @cache
 def exported_families() -> dict[str, tuple[str, frozenset[str], frozenset[str]]]:
     """Family name → (type, label names, sample names) of a fully featured worker."""
-    stats = WorkerStats("clicks", "logreg")
-    factory = model_factory("logreg", 0)
-    opts = LearnerOptions(
-        baseline_window=500, drift_detector="adwin", drift_grace=0, data_drift_block=200
-    )
-    learner = PartitionLearner("clicks", 0, factory(), options=opts, new_model=factory)
-    for i, ev in enumerate(generate(SimulationConfig(n_events=3000, drift_at=1500))):
-        learner.predict_learn(ev, i)
-    learner.end_batch()
-    learner.next_offset = learner.committed_offset = learner.high_watermark = 3000
-    learner.snapshot_at, learner.restore_seconds = 1.0, 0.1
-    learner.dead_lettered["invalid_json"] += 1
-    assert learner.drift is not None
-    learner.drift.last_alarm_time = learner.drift.last_alarm_time or 1.0
-    stats.learners[0] = learner
-    stats.beat()
+    stats = featured_stats()
     out = {}
     for family in WorkerCollector(stats).collect():
         labels = {k for s in family.samples for k in s.labels if k != "le"}

@@ -5,11 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from tests.helpers import featured_stats
 from worker.config import markdown_table
-from worker.learner import LearnerOptions, PartitionLearner
-from worker.metrics import WorkerCollector, WorkerStats
-from worker.models import model_factory
-from worker.simulate import SimulationConfig, generate
+from worker.metrics import WorkerCollector
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -23,22 +21,7 @@ def test_the_configuration_table_is_the_one_the_code_generates() -> None:
 
 def _exported_names() -> set[str]:
     """Every sample name a fully featured worker exports, with their family types."""
-    stats = WorkerStats("clicks", "logreg")
-    factory = model_factory("logreg", 0)
-    opts = LearnerOptions(
-        baseline_window=500, drift_detector="adwin", drift_grace=0, data_drift_block=200
-    )
-    learner = PartitionLearner("clicks", 0, factory(), options=opts, new_model=factory)
-    for i, ev in enumerate(generate(SimulationConfig(n_events=3000, drift_at=1500))):
-        learner.predict_learn(ev, i)
-    learner.end_batch()
-    learner.next_offset = learner.committed_offset = learner.high_watermark = 3000
-    learner.snapshot_at, learner.restore_seconds = 1.0, 0.1
-    learner.dead_lettered["invalid_json"] += 1
-    assert learner.drift is not None
-    learner.drift.last_alarm_time = learner.drift.last_alarm_time or 1.0
-    stats.learners[0] = learner
-    stats.beat()
+    stats = featured_stats()
     names = set()
     for family in WorkerCollector(stats).collect():
         suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")

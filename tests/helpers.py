@@ -1,0 +1,45 @@
+"""Helpers shared by several test modules."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.learner import LearnerOptions, PartitionLearner
+from worker.metrics import WorkerStats
+from worker.models import model_factory
+from worker.scoring import Scores
+from worker.simulate import SimulationConfig, generate
+
+
+def featured_stats() -> WorkerStats:
+    """Worker stats holding one learner with every feature on and every metric set."""
+    stats = WorkerStats("clicks", "logreg")
+    factory = model_factory("logreg", 0)
+    opts = LearnerOptions(
+        baseline_window=500, drift_detector="adwin", drift_grace=0, data_drift_block=200
+    )
+    learner = PartitionLearner("clicks", 0, factory(), options=opts, new_model=factory)
+    for i, ev in enumerate(generate(SimulationConfig(n_events=3000, drift_at=1500))):
+        learner.predict_learn(ev, i)
+    learner.end_batch()
+    learner.next_offset = learner.committed_offset = learner.high_watermark = 3000
+    learner.snapshot_at, learner.restore_seconds = 1.0, 0.1
+    learner.dead_lettered["invalid_json"] += 1
+    assert learner.drift is not None
+    learner.drift.last_alarm_time = learner.drift.last_alarm_time or 1.0
+    stats.learners[0] = learner
+    stats.beat()
+    return stats
+
+
+def assert_same_scores(mine: Scores, ref: Scores) -> None:
+    """Counts (so accuracy and AUC) exactly; float sums folded at other batch boundaries
+    may differ in the last bits."""
+    assert (mine.labelled, mine.positives, mine.accuracy, mine.roc_auc) == (
+        ref.labelled,
+        ref.positives,
+        ref.accuracy,
+        ref.roc_auc,
+    )
+    assert mine.log_loss == pytest.approx(ref.log_loss, rel=1e-12)
+    assert mine.mean_prediction == pytest.approx(ref.mean_prediction, rel=1e-12)
