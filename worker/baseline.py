@@ -10,12 +10,18 @@ window, as a data scientist would train it offline.
 - ``retrain_every=None`` ("never") keeps that first model forever; otherwise it is
   retrained on the last ``window`` labelled events every ``retrain_every`` labelled
   events (or when asked, e.g. by a drift alarm).
-- Training is synchronous, at a deterministic point of the stream, so replays and
-  restores give identical predictions. Its pause is bounded by the window size
-  (measured: see README, "Online versus offline").
+- Training starts and the new model deploys at deterministic points of the stream, so
+  replays and restores give identical predictions. With ``deploy_delay=0`` the fit
+  runs at once, pausing the loop (bounded by the window size; measured: see README,
+  "Online versus offline"). With ``deploy_delay=D`` it runs on a background thread
+  and the model takes over ``D`` labelled events later — as an offline model is
+  deployed some time after its data was collected — so the loop does not pause
+  unless the fit takes longer than those ``D`` events (then it waits there). A
+  snapshot taken meanwhile holds the training rows; a restore fits them again.
 - Prediction does not use scikit-learn (per-row calls cost ~50 µs): the fitted
-  coefficients are kept as a token → weight dict, so a prediction is a few dict
-  look-ups. Tokens not seen in the window weigh nothing.
+  coefficients are kept per field as value → weight dicts, so a prediction is one or
+  two dict look-ups per field, with no token built but the crosses'. Tokens not seen
+  in the window weigh nothing.
 
 >>> b = BatchBaseline(window=4)
 >>> b.predict({"user_id": "u1"}) is None  # not trained yet
@@ -25,6 +31,14 @@ True
 [False, False, False, True]
 >>> b.trainings, round(b.predict({"user_id": "u1", "category": "news"}), 2) > 0.5
 (1, True)
+
+In the background, deploying two labelled events after the window closed:
+
+>>> b = BatchBaseline(window=4, deploy_delay=2)
+>>> [b.observe({"user_id": "u1" if y else "u2"}, y) for y in (True, False) * 3]
+[False, False, False, False, False, True]
+>>> b.trained_at_labelled, b.labelled, b.trainings
+(4, 6, 1)
 """
 
 from __future__ import annotations
@@ -32,9 +46,12 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from worker.models import DEFAULT_CROSSES, FLOAT_LIMIT, ClickTokens
+
+_NONE: dict[Any, float] = {}  # the weights of a field the window never saw
 
 
 class BatchBaseline:
@@ -44,12 +61,16 @@ class BatchBaseline:
         retrain_every: int | None = None,
         c: float = 1.0,
         max_iter: int = 200,
+        deploy_delay: int = 0,
     ) -> None:
         if window < 2:
             raise ValueError("the batch window must hold at least 2 labelled events")
         if retrain_every is not None and retrain_every < 1:
             raise ValueError("retrain_every must be >= 1 or None (never)")
+        if deploy_delay < 0:
+            raise ValueError("deploy_delay must be >= 0")
         self.window = window
+        self.deploy_delay = deploy_delay
         self.retrain_every = retrain_every
         self.c = c
         self.max_iter = max_iter
@@ -58,55 +79,102 @@ class BatchBaseline:
         self.coef: dict[tuple[str, Any], float] | None = None
         self.intercept = 0.0
         self.labelled = 0
-        self.trainings = 0
-        self.trained_at_labelled = 0  # labelled count at the last training
+        self.trainings = 0  # models deployed
+        self.trained_at_labelled = 0  # labelled count at the last training's start
         self.last_training_seconds = 0.0
         self.max_training_seconds = 0.0
+        self.last_deploy_wait_seconds = 0.0  # how long the loop waited for a fit
         self.retrain_requested = False
+        self._index()
+
+    # Class defaults keep snapshots pickled before these attributes existed restorable.
+    deploy_delay = 0
+    last_deploy_wait_seconds = 0.0
+    # A training in progress: (the window's rows, the labelled count to deploy at).
+    _job: tuple[list[tuple[dict[str, Any], bool]], int] | None = None
+    _future: Future[tuple[dict[tuple[str, Any], float], float, float]] | None = None
+    _due_at = 0  # labelled count at which observe() must look closer
+    _fields: dict[str, dict[Any, float]] | None = None
+    _numeric: dict[str, float] = {}
+    _crosses: tuple[tuple[str, str, dict[str, float]], ...] = ()
 
     @property
     def trained(self) -> bool:
         return self.coef is not None
 
-    def _features(self, x: dict[str, Any]) -> list[tuple[tuple[str, Any], float]]:
-        out: list[tuple[tuple[str, Any], float]] = []
-        for k, v in self.tokens.transform_one(x).items():
-            if isinstance(v, str | bool):
-                out.append(((k, v), 1.0))
+    def _index(self) -> None:
+        """Lay the coefficients out for :meth:`predict`: per field, value → weight."""
+        self._due_at = (
+            self._job[1]
+            if self._job is not None
+            else self.window
+            if self.coef is None
+            else self.trained_at_labelled + self.retrain_every
+            if self.retrain_every is not None
+            else 2**62
+        )
+        if self.coef is None:
+            self._fields = None
+            return
+        fields: dict[str, dict[Any, float]] = {}
+        numeric: dict[str, float] = {}
+        for (name, value), w in self.coef.items():
+            if value is None:
+                numeric[name] = w
             else:
-                out.append(((k, None), float(v)))
-        return out
+                fields.setdefault(name, {})[value] = w
+        self._crosses = tuple((a, b, fields.pop(f"{a}*{b}", {})) for a, b in self.tokens.crosses)
+        self._fields, self._numeric = fields, numeric
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "_due_at" not in state:  # pickled by an older riverline
+            self._index()
 
     def predict(self, x: dict[str, Any]) -> float | None:
         """Probability of a click, or None before the first training.
 
         The same tokens as :meth:`_features`, computed inline: this runs per event.
         """
-        coef = self.coef
-        if coef is None:
+        fields = self._fields
+        if fields is None:
             return None
-        get = coef.get
         z = self.intercept
         for k, v in x.items():
             t = type(v)
             if t is str or t is bool:
-                z += get((k, v), 0.0)
-            elif t is int:
-                z += get((k, str(v)), 0.0)
+                z += fields.get(k, _NONE).get(v, 0.0)
+            elif t is int:  # ClickTokens makes an int a string token
+                z += fields.get(k, _NONE).get(str(v), 0.0)
             else:  # a float, clipped as ClickTokens clips it
-                z += get((k, None), 0.0) * min(max(v, -FLOAT_LIMIT), FLOAT_LIMIT)
-        for a, b in self.tokens.crosses:
-            if a in x and b in x:
-                z += get((f"{a}*{b}", f"{x[a]}|{x[b]}"), 0.0)
+                z += self._numeric.get(k, 0.0) * min(max(v, -FLOAT_LIMIT), FLOAT_LIMIT)
+        for a, b, weights in self._crosses:
+            # (contextlib.suppress would cost more than the look-up)
+            try:  # noqa: SIM105
+                z += weights.get(f"{x[a]}|{x[b]}", 0.0)
+            except KeyError:  # the event lacks a field of this cross
+                pass
         if z >= 0:
             return 1.0 / (1.0 + math.exp(-z))
         e = math.exp(z)
         return e / (1.0 + e)
 
     def observe(self, x: dict[str, Any], y: bool) -> bool:
-        """Remember one labelled event; train when due. True if it (re)trained."""
+        """Remember one labelled event; train or deploy when due.
+
+        True when a newly trained model took over at this event.
+        """
         self._recent.append((x, y))
         self.labelled += 1
+        if self.labelled < self._due_at and not self.retrain_requested:
+            return False
+        deployed = False
+        job = self._job
+        if job is not None:
+            if self.labelled < job[1]:
+                return False  # still training (in the background) until its deploy point
+            self._deploy()
+            deployed = True
         due = (
             (self.coef is None and self.labelled >= self.window)
             or (
@@ -117,47 +185,127 @@ class BatchBaseline:
             or (self.retrain_requested and len(self._recent) >= 2)
         )
         if due:
-            self.train()
-        return due
+            self._start()
+            if self.deploy_delay == 0:
+                self._deploy()
+                deployed = True
+        self._index()
+        return deployed
 
     def request_retrain(self) -> None:
         """Retrain at the next labelled event (e.g. on a drift alarm)."""
         self.retrain_requested = True
 
     def train(self) -> None:
-        """Fit on the labelled events of the window (full batch)."""
-        import numpy as np
-        from scipy.sparse import csr_matrix
-        from sklearn.linear_model import LogisticRegression
+        """Fit on the window now and deploy at once (what ``observe`` does when due and
+        ``deploy_delay`` is 0)."""
+        self._start()
+        self._deploy()
+        self._index()
 
-        started = time.perf_counter()
-        vocab: dict[tuple[str, Any], int] = {}
-        indptr = [0]
-        indices: list[int] = []
-        data: list[float] = []
-        labels = []
-        for x, y in self._recent:
-            for key, v in self._features(x):
-                indices.append(vocab.setdefault(key, len(vocab)))
-                data.append(v)
-            indptr.append(len(indices))
-            labels.append(y)
+    @property
+    def training(self) -> bool:
+        """A model is being trained and deploys at a later labelled event."""
+        return self._job is not None
+
+    # -- the training job ----------------------------------------------------------------------
+    def _start(self) -> None:
+        """Freeze the window as the training set; fit it in the background."""
+        rows = list(self._recent)
+        self._job = (rows, self.labelled + self.deploy_delay)
         self.retrain_requested = False
         self.trained_at_labelled = self.labelled
-        self.trainings += 1
-        if len(set(labels)) < 2:
-            # One class only: a constant model at the observed rate.
-            rate = min(max(float(np.mean(labels)), 1e-6), 1 - 1e-6)
-            self.coef, self.intercept = {}, math.log(rate / (1 - rate))
+        self._submit()
+
+    def _submit(self) -> None:
+        assert self._job is not None
+        rows = self._job[0]
+        if self.deploy_delay == 0:
+            self._future = None  # fitted in _deploy, on this thread
         else:
-            matrix = csr_matrix(
-                (np.asarray(data), np.asarray(indices), np.asarray(indptr)),
-                shape=(len(labels), max(1, len(vocab))),
-            )
-            model = LogisticRegression(C=self.c, max_iter=self.max_iter, solver="lbfgs")
-            model.fit(matrix, np.asarray(labels, dtype=bool))
-            weights = model.coef_[0]
-            self.coef = {k: float(weights[i]) for k, i in vocab.items() if weights[i] != 0.0}
-            self.intercept = float(model.intercept_[0])
-        self.last_training_seconds = time.perf_counter() - started
-        self.max_training_seconds = max(self.max_training_seconds, self.last_training_seconds)
+            self._future = _executor().submit(_fit, rows, self.tokens, self.c, self.max_iter)
+
+    def _deploy(self) -> None:
+        """Install the job's model, waiting for the fit if it is not done yet."""
+        assert self._job is not None
+        future = self._future
+        if future is None and self.deploy_delay:
+            # Restored mid-job: fit again (the same rows give the same model).
+            self._submit()
+            future = self._future
+        if future is None:
+            fit = _fit(self._job[0], self.tokens, self.c, self.max_iter)
+        else:
+            waited = time.perf_counter()
+            fit = future.result()
+            self.last_deploy_wait_seconds = time.perf_counter() - waited
+        self.coef, self.intercept, seconds = fit
+        self._job = None
+        self._future = None
+        self.trainings += 1
+        self.last_training_seconds = seconds
+        self.max_training_seconds = max(self.max_training_seconds, seconds)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_future"] = None  # a running fit is not state: the job's rows are
+        return state
+
+
+def _fit(
+    rows: list[tuple[dict[str, Any], bool]], tokens: ClickTokens, c: float, max_iter: int
+) -> tuple[dict[tuple[str, Any], float], float, float]:
+    """Full-batch logistic regression on one-hot tokens: (coef, intercept, seconds).
+
+    A pure function of its arguments, so a fit run again after a restore gives the same
+    model, on whichever thread it runs.
+    """
+    import numpy as np
+    from scipy.sparse import csr_matrix
+    from sklearn.linear_model import LogisticRegression
+
+    started = time.perf_counter()
+    vocab: dict[tuple[str, Any], int] = {}
+    indptr = [0]
+    indices: list[int] = []
+    data: list[float] = []
+    labels = []
+    for x, y in rows:
+        for key, v in _features(tokens, x):
+            indices.append(vocab.setdefault(key, len(vocab)))
+            data.append(v)
+        indptr.append(len(indices))
+        labels.append(y)
+    if len(set(labels)) < 2:
+        # One class only: a constant model at the observed rate.
+        rate = min(max(float(np.mean(labels)), 1e-6), 1 - 1e-6)
+        return {}, math.log(rate / (1 - rate)), time.perf_counter() - started
+    matrix = csr_matrix(
+        (np.asarray(data), np.asarray(indices), np.asarray(indptr)),
+        shape=(len(labels), max(1, len(vocab))),
+    )
+    model = LogisticRegression(C=c, max_iter=max_iter, solver="lbfgs")
+    model.fit(matrix, np.asarray(labels, dtype=bool))
+    weights = model.coef_[0]
+    coef = {k: float(weights[i]) for k, i in vocab.items() if weights[i] != 0.0}
+    return coef, float(model.intercept_[0]), time.perf_counter() - started
+
+
+def _features(tokens: ClickTokens, x: dict[str, Any]) -> list[tuple[tuple[str, Any], float]]:
+    out: list[tuple[tuple[str, Any], float]] = []
+    for k, v in tokens.transform_one(x).items():
+        if isinstance(v, str | bool):
+            out.append(((k, v), 1.0))
+        else:
+            out.append(((k, None), float(v)))
+    return out
+
+
+_EXECUTOR: list[ThreadPoolExecutor] = []
+
+
+def _executor() -> ThreadPoolExecutor:
+    """One background thread fits every partition's baseline, one after another."""
+    if not _EXECUTOR:
+        _EXECUTOR.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="riverline-fit"))
+    return _EXECUTOR[0]

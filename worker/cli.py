@@ -258,6 +258,7 @@ LEARNER_OPTIONS = (
     "window",
     "baseline_window",
     "baseline_retrain_every",
+    "baseline_deploy_delay",
     "drift_detector",
     "drift_action",
     "drift_grace",

@@ -84,6 +84,13 @@ OPTIONS: tuple[Option, ...] = (
         "labelled events, or never (trained once, classic offline learning)",
     ),
     Option(
+        "baseline_deploy_delay",
+        5000,
+        "labelled events between the end of a training window and the moment its model "
+        "serves; the fit runs in the background meanwhile (0: fit at once, pausing)",
+        int,
+    ),
+    Option(
         "drift_detector",
         "adwin",
         "concept-drift detector on the online model's loss: adwin, page-hinkley or off",
@@ -176,6 +183,7 @@ class Settings:
     exit_when_idle: float = 0.0
     baseline_window: int = 10_000
     baseline_retrain_every: str = "never"
+    baseline_deploy_delay: int = 5000
     drift_detector: str = "adwin"
     drift_action: str = "none"
     drift_grace: int = 1000
@@ -214,6 +222,7 @@ class Settings:
         return LearnerOptions(
             baseline_window=self.baseline_window,
             baseline_retrain_every=None if every == "never" else int(every),
+            baseline_deploy_delay=self.baseline_deploy_delay,
             drift_detector=None if self.drift_detector == "off" else self.drift_detector,
             drift_grace=self.drift_grace,
             drift_action=self.drift_action,
@@ -374,6 +383,10 @@ def validate(s: Settings) -> None:
         raise ConfigError(
             f"--baseline-retrain-every must be a positive number of labelled events or "
             f"'never', got {every!r}"
+        )
+    if s.baseline_deploy_delay < 0:
+        raise ConfigError(
+            f"--baseline-deploy-delay must be >= 0 labelled events, got {s.baseline_deploy_delay}"
         )
     if s.drift_action == "retrain-batch" and not s.baseline_window:
         raise ConfigError("--drift-action retrain-batch needs a baseline (--baseline-window > 0)")

@@ -27,8 +27,11 @@ import bisect
 import math
 import time
 from collections import Counter
+from collections.abc import Iterable
+from itertools import repeat
 from typing import Any
 
+import numpy as np
 from river import drift
 
 DETECTORS = ("adwin", "page-hinkley")
@@ -53,6 +56,17 @@ class ConceptDrift:
         self.alarms = 0
         self.last_alarm_at: int | None = None  # labelled-event index of the last alarm
         self.last_alarm_time: float | None = None  # wall time
+        self._reset_window()
+
+    # Class defaults keep snapshots pickled before these attributes existed restorable.
+    _window_sum = 0.0
+    _window_n = 0
+    _restart = False
+
+    def _reset_window(self) -> None:
+        self._window_sum = 0.0
+        self._window_n = 0
+        self._restart = False
 
     @property
     def estimate(self) -> float:
@@ -60,11 +74,24 @@ class ConceptDrift:
         return float(getattr(self.detector, "estimation", math.nan))
 
     def update(self, loss: float) -> bool:
-        """Feed one loss; True when this loss raised an alarm."""
+        """Feed one loss; True when this loss raised an alarm.
+
+        River's ADWIN starts an empty window after each detection, so until the next
+        one its window is every loss fed since: the mean before this loss (to tell a
+        rise from a fall) is kept here as a sum, without asking ADWIN per event.
+        """
         self.seen += 1
-        before = self.estimate
-        self.detector.update(loss)
-        if not self.detector.drift_detected or self.seen <= self.grace:
+        detector = self.detector
+        detector.update(loss)
+        if self._restart:  # the detector reset itself in the update above
+            self._reset_window()
+        if not detector.drift_detected:
+            self._window_sum += loss
+            self._window_n += 1
+            return False
+        before = self._window_sum / self._window_n if self._window_n else 0.0
+        self._restart = True
+        if self.seen <= self.grace:
             return False
         if self.detector_name == "adwin" and not self.estimate > before:
             return False  # ADWIN also reports improvements; only a worse model is drift
@@ -108,6 +135,8 @@ class _Feature:
             self.edges = []
             self.top = {v for v, _ in Counter(values).most_common(top)}
 
+    _lookup: dict[Any, Any] | None = None  # value -> bucket for the top values (lazy)
+
     def bucket(self, value: Any) -> Any:
         if value is None:
             return MISSING
@@ -116,6 +145,23 @@ class _Feature:
                 return OTHER
             return bisect.bisect_right(self.edges, value)
         return value if value in self.top else OTHER
+
+    def count(self, values: Iterable[Any]) -> Counter[Any]:
+        """``Counter(bucket(v) for v in values)``, without a Python call per value."""
+        if not self.numeric:
+            lookup = self._lookup
+            if lookup is None:
+                lookup = self._lookup = {v: v for v in self.top} | {None: MISSING}
+            return Counter(map(lookup.get, values, repeat(OTHER)))
+        counts: Counter[Any] = Counter()
+        edges = self.edges
+        for value, n in Counter(values).items():  # numbers: once per distinct value
+            t = type(value)
+            if t is float or t is int:
+                counts[bisect.bisect_right(edges, value)] += n
+            else:
+                counts[MISSING if value is None else OTHER] += n
+        return counts
 
 
 class DataDrift:
@@ -152,28 +198,21 @@ class DataDrift:
             self._set_reference(rows)
             self._rebase = False
             return
+        xs, ys, ps = zip(*rows, strict=True)
         for name in self.features:
-            self.scores[name] = psi(self._ref_counts[name], self._bucketed(name, rows))
-        self.scores["__label__"] = psi(
-            self._ref_counts["__label__"], Counter(y for _, y, _ in rows if y is not None)
-        )
+            self.scores[name] = psi(self._ref_counts[name], self._bucketed(name, xs))
+        self.scores["__label__"] = psi(self._ref_counts["__label__"], _labels(ys))
         self.scores["__prediction__"] = psi(
-            self._ref_counts["__prediction__"], Counter(min(int(p * 10), 9) for _, _, p in rows)
+            self._ref_counts["__prediction__"], _prediction_bins(ps)
         )
 
-    def _bucketed(
-        self, name: str, rows: list[tuple[dict[str, Any], bool | None, float]]
-    ) -> Counter[Any]:
-        """Bucket counts of one feature: count raw values first (in C), then bucket the
-        distinct values, so the per-event cost is one dict look-up."""
-        bucket = self._buckets[name].bucket
-        counts: Counter[Any] = Counter()
-        for value, n in Counter(x.get(name) for x, _, _ in rows).items():
-            counts[bucket(value)] += n
-        return counts
+    def _bucketed(self, name: str, xs: tuple[dict[str, Any], ...]) -> Counter[Any]:
+        """Bucket counts of one feature over a block."""
+        return self._buckets[name].count(map(dict.get, xs, repeat(name)))
 
     def _set_reference(self, rows: list[tuple[dict[str, Any], bool | None, float]]) -> None:
         self._has_reference = True
+        xs, ys, ps = zip(*rows, strict=True)
         if not self.features:
             if self.configured:
                 self.features = self.configured
@@ -182,7 +221,19 @@ class DataDrift:
                 # Most frequent first; ties by name, so the choice is deterministic.
                 ranked = sorted(names.items(), key=lambda kv: (-kv[1], kv[0]))
                 self.features = tuple(k for k, _ in ranked[: self.top_k])
-        self._buckets = {n: _Feature([x.get(n) for x, _, _ in rows]) for n in self.features}
-        self._ref_counts = {n: self._bucketed(n, rows) for n in self.features}
-        self._ref_counts["__label__"] = Counter(y for _, y, _ in rows if y is not None)
-        self._ref_counts["__prediction__"] = Counter(min(int(p * 10), 9) for _, _, p in rows)
+        self._buckets = {n: _Feature([x.get(n) for x in xs]) for n in self.features}
+        self._ref_counts = {n: self._bucketed(n, xs) for n in self.features}
+        self._ref_counts["__label__"] = _labels(ys)
+        self._ref_counts["__prediction__"] = _prediction_bins(ps)
+
+
+def _labels(ys: tuple[bool | None, ...]) -> Counter[Any]:
+    """Counts of the known labels (None is no label)."""
+    return Counter({y: n for y in (True, False) if (n := ys.count(y))})
+
+
+def _prediction_bins(ps: tuple[float, ...]) -> Counter[Any]:
+    """Counts of predictions in 10 bins of width 0.1 (1.0 falls in the last)."""
+    bins = np.minimum((np.asarray(ps, dtype=np.float64) * 10).astype(np.int64), 9)
+    counts = np.bincount(bins, minlength=10)
+    return Counter({int(b): int(n) for b, n in enumerate(counts) if n})

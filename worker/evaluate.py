@@ -96,13 +96,13 @@ def evaluate(
         except (InvalidEvent, ModelError):
             result.rejected += 1
             continue
-        y = event.get("clicked")
+        y = event.clicked
         if y is None:
             continue
         seg = segments["after" if drift_point is not None and index >= drift_point else "before"]
-        seg["online"].add(y, pred["click_probability"])
-        if pred["batch_click_probability"] is not None:
-            seg["batch"].add(y, pred["batch_click_probability"])
+        seg["online"].add(y, pred.click_probability)
+        if pred.batch_click_probability is not None:
+            seg["batch"].add(y, pred.batch_click_probability)
         if learner.drift is not None and learner.drift.alarms != alarms:
             alarms = learner.drift.alarms
             result.alarms.append(learner.learned)

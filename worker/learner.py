@@ -7,7 +7,7 @@ its users, in offset order. Learners are created on assignment and dropped on re
 >>> learner = PartitionLearner("clicks", 0, make_model("logreg"), window=100)
 >>> ev = {"event_id": "e1", "ts": 5, "user_id": "u1", "item_id": "i1", "clicked": True}
 >>> pred = learner.predict_learn(ev, offset=0)
->>> pred["click_probability"], pred["model_version"], learner.learned
+>>> pred.click_probability, pred.model_version, learner.learned
 (0.5, '0:0', 1)
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 from worker.baseline import BatchBaseline
 from worker.drift import ConceptDrift, DataDrift
-from worker.events import features_of
+from worker.events import ClickEvent, Prediction
 from worker.scoring import PrequentialScores
 
 DRIFT_ACTIONS = ("none", "reset-online", "retrain-batch")
@@ -35,6 +35,7 @@ class LearnerOptions:
 
     baseline_window: int = 0  # 0: no batch baseline
     baseline_retrain_every: int | None = None  # None: never (trained once)
+    baseline_deploy_delay: int = 0  # 0: fit synchronously; else in the background
     drift_detector: str | None = None  # "adwin", "page-hinkley" or None
     drift_grace: int = 1000
     drift_action: str = "none"
@@ -76,7 +77,11 @@ class PartitionLearner:
         self.scores = PrequentialScores(window=window, auc_thresholds=auc_thresholds)
         self.batch_scores = PrequentialScores(window=window, auc_thresholds=auc_thresholds)
         self.baseline = (
-            BatchBaseline(opts.baseline_window, opts.baseline_retrain_every)
+            BatchBaseline(
+                opts.baseline_window,
+                opts.baseline_retrain_every,
+                deploy_delay=opts.baseline_deploy_delay,
+            )
             if opts.baseline_window
             else None
         )
@@ -91,6 +96,7 @@ class PartitionLearner:
             else None
         )
         self.resets = 0  # online model resets by the drift action
+        self._labelled: list[tuple[bool, float, float | None]] = []  # not yet scored
         self._folded_at = 0.0
         # Guards `scores` between the loop (flush) and a scrape (read).
         self.lock = threading.Lock()
@@ -109,16 +115,19 @@ class PartitionLearner:
         self.restore_seconds: float | None = None
         self.first_offset: int | None = None  # first offset processed since assignment
 
-    def predict_learn(self, event: dict[str, Any], offset: int) -> dict[str, Any]:
+    def predict_learn(self, event: ClickEvent | dict[str, Any], offset: int) -> Prediction:
         """Test then train on one valid event; returns the prediction to publish.
 
         The probability is computed before the model sees the label. If the model
-        raises, nothing is counted and :class:`ModelError` carries the cause.
+        raises, nothing is counted and :class:`ModelError` carries the cause. A dict
+        event is checked against the schema first (:meth:`ClickEvent.from_dict`).
         """
-        x = features_of(event)
+        if type(event) is not ClickEvent:
+            event = ClickEvent.from_dict(event)  # type: ignore[arg-type]
+        x = event.x()
         model = self.model
         version = f"{self.partition}:{self.learned}"
-        y = event.get("clicked")
+        y = event.clicked
         try:
             p = float(model.predict_proba_one(x).get(True, 0.0))
         except Exception as exc:
@@ -135,9 +144,7 @@ class PartitionLearner:
                     f"learn_one raised {type(exc).__name__}: {exc}", during_learn=True
                 ) from exc
             self.learned += 1
-            self.scores.add(y, p)
-            if pb is not None:
-                self.batch_scores.add(y, pb)
+            self._labelled.append((y, p, pb))  # scored per batch: see end_batch()
             if baseline is not None and baseline.observe(x, y) and self.data_drift is not None:
                 self.data_drift.rebase()
             if self.drift is not None and self.drift.update((p - y) ** 2):
@@ -145,17 +152,17 @@ class PartitionLearner:
         if self.data_drift is not None:
             self.data_drift.add(x, y, p)
         self.predicted += 1
-        return {
-            "event_id": event["event_id"],
-            "user_id": event["user_id"],
-            "item_id": event["item_id"],
-            "click_probability": p,
-            "batch_click_probability": pb,
-            "model_version": version,
-            "partition": self.partition,
-            "offset": offset,
-            "ts": event["ts"],
-        }
+        return Prediction(
+            event.event_id,
+            event.user_id,
+            event.item_id,
+            p,
+            pb,
+            version,
+            self.partition,
+            offset,
+            event.ts,
+        )
 
     def _on_drift(self) -> None:
         action = self.options.drift_action
@@ -169,8 +176,7 @@ class PartitionLearner:
     def snapshot(self) -> bytes:
         """Everything this learner holds, pickled (the snapshot records the offset)."""
         with self.lock:  # a scrape must not flush the scores mid-pickle
-            self.scores.flush()
-            self.batch_scores.flush()
+            self._fold()
             state = {
                 "model": self.model,
                 "scores": self.scores,
@@ -220,14 +226,23 @@ class PartitionLearner:
         With ``force=False`` small batches are folded at most every 0.5 s or 256 pairs:
         the numpy fold costs tens of µs, too much per batch of a few events.
         """
-        if not force and (
-            len(self.scores._pending_y) < 256 and time.monotonic() - self._folded_at < 0.5
-        ):
+        if not force and (len(self._labelled) < 256 and time.monotonic() - self._folded_at < 0.5):
             return
         with self.lock:
-            self.scores.flush()
-            self.batch_scores.flush()
+            self._fold()
         self._folded_at = time.monotonic()
+
+    def _fold(self) -> None:
+        """Score the labelled events seen since the last fold (caller holds ``lock``)."""
+        if self._labelled:
+            ys, ps, pbs = zip(*self._labelled, strict=True)
+            self._labelled = []
+            self.scores.extend(ys, ps)
+            if pbs[-1] is not None:  # once trained, the baseline predicts every event
+                pairs = [(y, pb) for y, pb in zip(ys, pbs, strict=True) if pb is not None]
+                self.batch_scores.extend([y for y, _ in pairs], [pb for _, pb in pairs])
+        self.scores.flush()
+        self.batch_scores.flush()
 
     @property
     def lag(self) -> int | None:

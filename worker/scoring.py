@@ -24,6 +24,7 @@ time from a ring buffer of the last ``window`` pairs. The numbers are River's:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -103,6 +104,11 @@ class PrequentialScores:
         """Record one (label, probability) pair; cheap, for the per-event path."""
         self._pending_y.append(y)
         self._pending_p.append(p)
+
+    def extend(self, ys: Sequence[bool], ps: Sequence[float]) -> None:
+        """Record many pairs at once."""
+        self._pending_y.extend(ys)
+        self._pending_p.extend(ps)
 
     def flush(self) -> None:
         """Fold the pending pairs into the counts (once per batch, and before reading)."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
+import msgspec
 import orjson
 import pytest
 
@@ -16,10 +18,12 @@ from worker.events import (
     EventCodec,
     InvalidEvent,
     compile_schema,
+    encode_prediction,
     features_of,
 )
 from worker.learner import PartitionLearner
 from worker.models import make_model
+from worker.simulate import SimulationConfig, generate
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO / "schemas"
@@ -166,7 +170,7 @@ def test_size_limit_is_inclusive() -> None:
     raw = _json(pad="")
     raw = _json(pad="x" * (MAX - len(raw)))
     assert len(raw) == MAX
-    assert EventCodec.load(max_event_bytes=MAX).decode(raw)["pad"]
+    assert EventCodec.load(max_event_bytes=MAX).decode(raw).event_id == "e1"
     with pytest.raises(InvalidEvent):
         EventCodec.load(max_event_bytes=MAX - 1).decode(raw)
 
@@ -176,7 +180,15 @@ def test_size_limit_is_inclusive() -> None:
 )
 def test_valid_example_events_decode(path: Path) -> None:
     raw = path.read_bytes()
-    assert EventCodec.load().decode(raw) == json.loads(raw)
+    d = json.loads(raw)
+    assert msgspec.structs.asdict(EventCodec.load().decode(raw)) == {
+        "event_id": d["event_id"],
+        "ts": d["ts"],
+        "user_id": d["user_id"],
+        "item_id": d["item_id"],
+        "features": d.get("features", {}),
+        "clicked": d.get("clicked"),
+    }
 
 
 @pytest.mark.parametrize(
@@ -186,6 +198,134 @@ def test_invalid_example_events_are_schema_violations(path: Path) -> None:
     with pytest.raises(InvalidEvent) as info:
         EventCodec.load().decode(path.read_bytes())
     assert info.value.reason == "schema_violation"
+
+
+# -- the fast path against the schema ---------------------------------------------------------
+def _outcome(decode: Any, raw: bytes) -> str:
+    """A decode's verdict with every value and its type (repr tells 5 from 5.0)."""
+    try:
+        return repr(decode(raw))
+    except InvalidEvent as exc:
+        return f"InvalidEvent({exc.reason})"
+
+
+def _edge_cases() -> list[bytes]:
+    """Valid events pushed one field at a time to and past each limit of the schema."""
+    base = {**GOOD, "features": {"device": "ios", "position": 3, "score": 0.5}, "clicked": True}
+    swaps: dict[str, list[Any]] = {
+        "event_id": ["", "e", "x" * 200, "x" * 201, "é" * 200, "é" * 201, "😀" * 200, 5, None],
+        "ts": [0, -1, 5.0, 5.5, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), True, "5", None],
+        "user_id": ["", "u", "u" * 201, ["u"], {"u": 1}],
+        "item_id": ["i" * 200, "", 0],
+        "clicked": [True, False, None, 0, 1, "true", []],
+        "features": [
+            {},
+            None,
+            [],
+            "ios",
+            {"": 1},
+            {"k" * 100: 1},
+            {"k" * 101: 1},
+            {"v": "s" * 1000},
+            {"v": "s" * 1001},
+            {"v": 2**63 - 1},
+            {"v": 2**63},
+            {"v": -(2**63)},
+            {"v": -(2**63) - 1},
+            {"v": 2**64},
+            {"v": 1.7976931348623157e308},
+            {"v": -0.0},
+            {"v": 1e-320},
+            {"v": None},
+            {"v": [1]},
+            {"v": {"w": 1}},
+            {"user_id": "u2"},
+            {"item_id": "i2", "ok": 1},
+            {f"f{i}": i for i in range(64)},
+            {f"f{i}": i for i in range(65)},
+        ],
+        "extra": ["x", 1, None, {"deep": [1, 2]}],
+    }
+    out = []
+    for field, values in swaps.items():
+        for value in values:
+            # json, not orjson: orjson cannot write integers beyond 64 bits.
+            out.append(json.dumps({**base, field: value}, ensure_ascii=False).encode())
+        out.append(orjson.dumps({k: v for k, v in base.items() if k != field}))
+    text = orjson.dumps(base).decode()
+    out += [
+        text.replace('"ts":5', '"ts":5,"ts":-1').encode(),  # duplicate keys: the last wins
+        text.replace('"ts":5', '"ts":-1,"ts":5').encode(),
+        text.replace('"ts":5', '"ts":1e400').encode(),
+        text.replace('"score":0.5', '"score":1e400').encode(),
+        text.replace('"score":0.5', '"score":-1E+2').encode(),
+        text.replace('"score":0.5', '"score":NaN').encode(),
+        text.replace('"u1"', '"\\ud800"').encode(),
+        text.replace('"u1"', '"\\ud83d\\ude00"').encode(),
+        text.replace('"u1"', '"\\u0000"').encode(),
+        text.replace('"u1"', '"u\\n1"').encode(),
+        text.replace('"u1"', '"u\n1"').encode(),  # a raw control character
+        text.replace('"ios"', '"\xff"').encode("latin-1"),
+        text.replace("}", ', "extra": 1e999}', 1).encode(),
+        (" \n" + text + "\n ").encode(),
+        b"\xef\xbb\xbf" + text.encode(),
+        text.encode() + b"x",
+        text[:-1].encode(),
+    ]
+    return out
+
+
+def _fuzzed(n: int, seed: int = 7) -> list[bytes]:
+    """Valid encodings with random bytes changed, dropped or repeated."""
+    import random
+
+    rng = random.Random(seed)
+    events = [
+        orjson.dumps({**GOOD, "features": {"device": "ios", "position": 3, "score": 0.25}}),
+        orjson.dumps({**GOOD, "clicked": False, "features": {"r": True, "n": -12}}),
+    ]
+    alphabet = b'{}[]":,.-+0123456789eE truefalsnl\\xuU\xc3\xa9'
+    out = []
+    for _ in range(n):
+        raw = bytearray(rng.choice(events))
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(raw))
+            op = rng.random()
+            if op < 0.5:
+                raw[i] = rng.choice(alphabet)
+            elif op < 0.75:
+                del raw[i]
+            else:
+                raw[i:i] = raw[i : i + rng.randint(1, 6)]
+        out.append(bytes(raw))
+    return out
+
+
+def test_the_fast_path_gives_the_schemas_verdict_and_values() -> None:
+    """decode() (msgspec in one pass) and decode_reference() (orjson, then the schema)
+    agree on every input: the same reason, or the same event with the same types."""
+    codec = EventCodec.load()
+    cases = (
+        _edge_cases()
+        + [raw for _, raw, _ in BAD if raw is not None and len(raw) <= MAX]
+        + [p.read_bytes() for p in sorted((EXAMPLES / "click-event").glob("*/*.json"))]
+        + _fuzzed(4000)
+    )
+    verdicts = Counter()
+    for raw in cases:
+        fast = _outcome(codec.decode, raw)
+        assert fast == _outcome(codec.decode_reference, raw), raw
+        verdicts[fast.startswith("ClickEvent")] += 1
+    # Both kinds are well represented, so the comparison means something.
+    assert verdicts[True] > 100 and verdicts[False] > 1000, verdicts
+
+
+def test_simulated_events_take_the_fast_path() -> None:
+    """The common case never reaches orjson or jsonschema-rs."""
+    from worker.events import _FAST
+
+    for ev in generate(SimulationConfig(n_events=500, seed=2, scenario="abrupt", drift_at=250)):
+        _FAST.decode(orjson.dumps(ev))  # raises if the fast path refused it
 
 
 def test_features_of() -> None:
@@ -210,13 +350,14 @@ def test_predictions_validate_against_the_prediction_schema() -> None:
     preds = []
     for offset, raw in enumerate(events, start=100):
         pred = learner.predict_learn(codec.decode(raw), offset)
-        validator.validate(pred)
-        # The worker publishes orjson bytes: those must validate too.
-        validator.validate(orjson.loads(orjson.dumps(pred)))
+        # What the worker publishes: encode_prediction's bytes.
+        published = orjson.loads(encode_prediction(pred))
+        validator.validate(published)
+        assert published == pred.as_dict()
         preds.append(pred)
-    assert [p["model_version"] for p in preds] == ["3:0", "3:1", "3:1", "3:1", "3:2"]
-    assert [p["offset"] for p in preds] == [100, 101, 102, 103, 104]
-    assert {p["partition"] for p in preds} == {3}
-    assert preds[0]["click_probability"] == 0.5  # before any learning
-    assert preds[1]["click_probability"] > 0.5  # after one click of u1 on i1
+    assert [p.model_version for p in preds] == ["3:0", "3:1", "3:1", "3:1", "3:2"]
+    assert [p.offset for p in preds] == [100, 101, 102, 103, 104]
+    assert {p.partition for p in preds} == {3}
+    assert preds[0].click_probability == 0.5  # before any learning
+    assert preds[1].click_probability > 0.5  # after one click of u1 on i1
     assert learner.learned == 3 and learner.predicted == 5

@@ -1,0 +1,217 @@
+"""The per-event shortcuts give exactly what the plain computation gives.
+
+Each shortcut of the hot path (baseline look-ups per field, the drift detector's window
+mean kept as a sum, data-drift counts taken per block, scores folded per batch) is
+checked here against the obvious, slow way of computing the same number.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+from collections import Counter
+from typing import Any
+
+from river import drift
+
+from tests.helpers import assert_same_scores
+from worker.baseline import BatchBaseline
+from worker.drift import ConceptDrift, DataDrift, _Feature, psi
+from worker.learner import LearnerOptions, PartitionLearner
+from worker.models import DEFAULT_CROSSES, FLOAT_LIMIT, ClickTokens, make_model
+from worker.scoring import PrequentialScores
+from worker.simulate import SimulationConfig, generate
+
+
+def _events(n: int, seed: int = 3, scenario: str = "abrupt") -> list[dict[str, Any]]:
+    return list(generate(SimulationConfig(n_events=n, seed=seed, scenario=scenario)))
+
+
+def _x(ev: dict[str, Any]) -> dict[str, Any]:
+    return {"user_id": ev["user_id"], "item_id": ev["item_id"], **(ev.get("features") or {})}
+
+
+# -- batch baseline ------------------------------------------------------------------------------
+def _reference_predict(b: BatchBaseline, x: dict[str, Any]) -> float:
+    """Sum the fitted weight of every token ClickTokens makes of x."""
+    assert b.coef is not None
+    z = b.intercept
+    for k, v in ClickTokens(crosses=DEFAULT_CROSSES).transform_one(x).items():
+        if isinstance(v, str | bool):
+            z += b.coef.get((k, v), 0.0)
+        else:
+            z += b.coef.get((k, None), 0.0) * v
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def test_baseline_prediction_equals_the_sum_over_its_tokens() -> None:
+    rng = random.Random(1)
+    b = BatchBaseline(window=2000)
+    events = _events(4000)
+    for ev in events[:2000]:
+        x = _x(ev)
+        x["score"] = rng.uniform(-2, 2)  # a numeric feature
+        x["flag"] = rng.random() < 0.5  # a boolean one
+        b.observe(x, bool(ev["clicked"]))
+    assert b.trained
+    assert any(v is None for _, v in b.coef or {})  # the numeric weight is there
+    cases = [_x(ev) for ev in events[2000:]]
+    cases += [
+        {"user_id": "never-seen", "item_id": "nor-this"},
+        {"user_id": "u1", "item_id": "i1", "score": 1e300, "flag": True, "position": 3},
+        {"user_id": "u1", "item_id": "i1", "position": 1, "flag": 1},  # int 1 is not True
+    ]
+    for x in cases:
+        got = b.predict(x)
+        assert got is not None and math.isclose(got, _reference_predict(b, x), rel_tol=1e-12), x
+    assert FLOAT_LIMIT < 1e300  # the case above is clipped
+
+
+def test_baseline_restored_from_an_older_pickle_still_predicts() -> None:
+    """A snapshot written before the per-field index existed is re-indexed on load."""
+    b = BatchBaseline(window=500)
+    for ev in _events(500):
+        b.observe(_x(ev), bool(ev["clicked"]))
+    state = dict(b.__dict__)
+    for name in ("_due_at", "_fields", "_numeric", "_crosses"):
+        state.pop(name, None)
+    old = BatchBaseline.__new__(BatchBaseline)
+    old.__setstate__(state)
+    x = _x(_events(1, seed=9)[0])
+    assert old.predict(x) == b.predict(x)
+    assert pickle.loads(pickle.dumps(b)).predict(x) == b.predict(x)
+
+
+# -- concept drift -------------------------------------------------------------------------------
+def _reference_alarms(losses: list[float], grace: int) -> list[int]:
+    """ADWIN asked for its estimate before and after every loss."""
+    det = drift.ADWIN(delta=0.002)  # type: ignore[no-untyped-call]
+    alarms = []
+    for i, loss in enumerate(losses, start=1):
+        before = det.estimation
+        det.update(loss)
+        if det.drift_detected and i > grace and det.estimation > before:
+            alarms.append(i)
+    return alarms
+
+
+def test_adwin_alarms_equal_asking_adwin_each_time() -> None:
+    rng = random.Random(4)
+    losses = []
+    for level in (0.1, 0.4, 0.05, 0.6, 0.2, 0.2, 0.7, 0.1):  # rises and falls
+        losses += [min(1.0, rng.random() * 2 * level) for _ in range(3000)]
+    d = ConceptDrift("adwin", grace=500)
+    got = [i for i, loss in enumerate(losses, start=1) if d.update(loss)]
+    assert got == _reference_alarms(losses, 500)
+    assert len(got) >= 3  # the rises were seen (the test is not vacuous)
+
+
+# -- data drift ----------------------------------------------------------------------------------
+def test_data_drift_scores_equal_counting_each_block_directly() -> None:
+    rng = random.Random(2)
+    block = 500
+    d = DataDrift(block=block, features=("device", "score", "missing"))
+    rows = []
+    for i in range(block * 3):
+        shifted = i >= block * 2
+        x = {
+            "device": rng.choice(["ios", "web"] if shifted else ["ios", "android", "web"]),
+            "score": rng.gauss(1.0 if shifted else 0.0, 1.0),
+        }
+        y = None if i % 7 == 0 else rng.random() < 0.3
+        p = 1.0 if i % 97 == 0 else rng.random()
+        rows.append((x, y, p))
+        d.add(x, y, p)
+    ref, last = rows[:block], rows[-block:]
+    for name in ("device", "score", "missing"):
+        f = _Feature([x.get(name) for x, _, _ in ref])
+        want = psi(
+            Counter(f.bucket(x.get(name)) for x, _, _ in ref),
+            Counter(f.bucket(x.get(name)) for x, _, _ in last),
+        )
+        assert d.scores[name] == want, name
+    assert d.scores["__label__"] == psi(
+        Counter(y for _, y, _ in ref if y is not None),
+        Counter(y for _, y, _ in last if y is not None),
+    )
+    assert d.scores["__prediction__"] == psi(
+        Counter(min(int(p * 10), 9) for _, _, p in ref),
+        Counter(min(int(p * 10), 9) for _, _, p in last),
+    )
+    assert d.scores["device"] > 0.1  # the shift shows
+
+
+# -- scores folded per batch ----------------------------------------------------------------------
+def test_learner_scores_equal_scoring_each_event() -> None:
+    events = _events(3000)
+    opts = LearnerOptions(baseline_window=1000)
+    learner = PartitionLearner("t", 0, make_model("logreg"), window=200, options=opts)
+    online, batch = PrequentialScores(window=200), PrequentialScores(window=200)
+    for i, ev in enumerate(events):
+        pred = learner.predict_learn(ev, i)
+        if ev.get("clicked") is not None:
+            online.add(ev["clicked"], pred.click_probability)
+            if pred.batch_click_probability is not None:
+                batch.add(ev["clicked"], pred.batch_click_probability)
+        if i % 37 == 0:
+            learner.end_batch(force=False)  # folds at its own pace
+    learner.end_batch()
+    online.flush()
+    batch.flush()
+    assert_same_scores(learner.scores.cumulative(), online.cumulative())
+    assert_same_scores(learner.scores.rolling(), online.rolling())
+    assert_same_scores(learner.batch_scores.cumulative(), batch.cumulative())
+    assert batch.labelled > 1000
+
+
+# -- the baseline's fit in the background ---------------------------------------------------------
+def test_background_fit_deploys_at_its_fixed_event_however_long_it_takes(monkeypatch: Any) -> None:
+    """The model trained on the first window serves from window + delay on; the same
+    model as a synchronous fit, whether the fit is quick or slower than the delay."""
+    import time
+
+    import worker.baseline as baseline_module
+
+    events = [(_x(ev), bool(ev["clicked"])) for ev in _events(2400)]
+    window, delay = 1000, 300
+
+    def run(b: BatchBaseline) -> list[float | None]:
+        out = []
+        for x, y in events:
+            out.append(b.predict(x))
+            b.observe(x, y)
+        return out
+
+    reference = run(BatchBaseline(window=window))  # fits at once, at event 1000
+    quick = run(BatchBaseline(window=window, deploy_delay=delay))
+    fit = baseline_module._fit
+
+    def slow_fit(*args: Any) -> Any:
+        time.sleep(0.3)
+        return fit(*args)
+
+    monkeypatch.setattr(baseline_module, "_fit", slow_fit)
+    slow_baseline = BatchBaseline(window=window, deploy_delay=delay)
+    slow = run(slow_baseline)
+    assert slow == quick
+    assert quick[: window + delay] == [None] * (window + delay)
+    assert quick[window + delay :] == reference[window + delay :]
+    assert reference[window] is not None
+    assert slow_baseline.last_deploy_wait_seconds > 0.05  # it did wait at the fixed point
+
+
+def test_a_snapshot_taken_while_the_baseline_trains_restores_exactly() -> None:
+    events = _events(3000, seed=5)
+    opts = LearnerOptions(baseline_window=1000, baseline_deploy_delay=700)
+    factory = lambda: make_model("logreg")  # noqa: E731
+    straight = PartitionLearner("t", 0, factory(), options=opts)
+    want = [straight.predict_learn(ev, i) for i, ev in enumerate(events)]
+    first = PartitionLearner("t", 0, factory(), options=opts)
+    got = [first.predict_learn(ev, i) for i, ev in enumerate(events[:1300])]
+    assert first.baseline is not None and first.baseline.training  # mid-fit
+    restored = PartitionLearner.restore("t", 0, first.snapshot(), 1300, options=opts)
+    got += [restored.predict_learn(ev, 1300 + i) for i, ev in enumerate(events[1300:])]
+    assert got == want
+    assert restored.baseline is not None and restored.baseline.trainings == 1
+    assert any(p.batch_click_probability is not None for p in got)
