@@ -250,7 +250,8 @@ def latency(bs: str, rate: float, seconds: float, n_users: int) -> dict[str, Any
     # worker's producer batching (linger.ms) and the broker's write are counted too.
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-    created = AdminClient({"bootstrap.servers": bs}).create_topics(
+    admin = AdminClient({"bootstrap.servers": bs})
+    created = admin.create_topics(
         [NewTopic(out, 1, -1, config={"message.timestamp.type": "LogAppendTime"})]
     )
     created[out].result(30)
@@ -261,7 +262,9 @@ def latency(bs: str, rate: float, seconds: float, n_users: int) -> dict[str, Any
     cmd = worker_cmd(bs, topic, group, "--exit-when-idle", "4")
     cmd[cmd.index("--metrics-address") + 1] = f"127.0.0.1:{port}"
     env = {**os.environ, "RIVERLINE_SNAPSHOT_KEY": KEY}
-    worker = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    cmd[cmd.index("--log-level") + 1] = "INFO"  # slow checkpoints are logged with phases
+    worker_log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (read after the run)
+    worker = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=worker_log)
     # The clock starts once the worker owns the partition: a backlog built while it joins
     # the group would be measured as latency.
     deadline = time.monotonic() + 60
@@ -279,7 +282,9 @@ def latency(bs: str, rate: float, seconds: float, n_users: int) -> dict[str, Any
     events = list(generate(SimulationConfig(n_events=n, seed=3, scenario="none", n_users=n_users)))
     records = [(orjson.dumps(ev), ev["user_id"].encode()) for ev in events]
     del events
-    p = Producer({"bootstrap.servers": bs, "linger.ms": 0})
+    # linger.ms=1: batches of a few clicks rather than one request per click, which
+    # would load the broker (on the same 2 cores) more than the worker does.
+    p = Producer({"bootstrap.servers": bs, "linger.ms": 1})
     started = time.monotonic()
     sent = 0
     while sent < n:
@@ -316,7 +321,11 @@ def latency(bs: str, rate: float, seconds: float, n_users: int) -> dict[str, Any
                 else:
                     store[orjson.loads(m.value())["offset"]] = m.timestamp()[1]  # type: ignore[arg-type]
     c.close()
-    lat = sorted(got[o] - sent_at[o] for o in got if o in sent_at)
+    worker_log.seek(0)
+    slow_lines = [ln.strip() for ln in worker_log if "slow" in ln or "WARNING" in ln]
+    worker_log.close()
+    in_order = [got[o] - sent_at[o] for o in sorted(got) if o in sent_at]
+    lat = sorted(in_order)
     if not lat:
         return {"rate": rate, "p50_ms": None, "p99_ms": None, "n": 0}
     return {
@@ -327,6 +336,16 @@ def latency(bs: str, rate: float, seconds: float, n_users: int) -> dict[str, Any
         "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
         "p999_ms": lat[min(len(lat) - 1, int(len(lat) * 0.999))],
         "max_ms": lat[-1],
+        # Where the slow ones are: the worst latency in each second of the run.
+        "max_ms_by_second": [
+            max(in_order[int(i * rate) : int((i + 1) * rate)], default=0)
+            for i in range(int(seconds))
+        ],
+        "worker_log": slow_lines[:20],
+        "max_ms_by_100ms_first_3s": [
+            max(in_order[int(i * rate / 10) : int((i + 1) * rate / 10)], default=0)
+            for i in range(30)
+        ],
     }
 
 
@@ -387,11 +406,24 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="repetitions (medians are reported)")
     ap.add_argument("--latency-seconds", type=float, default=20.0)
     ap.add_argument("--memory-events", type=int, default=0, help="e.g. 1000000 (slow)")
+    ap.add_argument(
+        "--latency-only",
+        type=float,
+        metavar="RATE",
+        help="only measure latency, at RATE events/s (no throughput rounds)",
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
 
     bs, broker = bootstrap()
     results: dict[str, Any] = {"events": args.events, "machine": os.uname().nodename}
+    if args.latency_only:
+        try:
+            print(json.dumps(latency(bs, args.latency_only, args.latency_seconds, args.users)))
+        finally:
+            if broker is not None:
+                broker.stop()
+        return 0
     try:
         log(f"generating {args.events:,} events ({args.users:,} users) and producing them")
         events = list(

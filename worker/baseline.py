@@ -43,14 +43,18 @@ In the background, deploying two labelled events after the window closed:
 
 from __future__ import annotations
 
+import atexit
+import logging
 import math
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool as BrokenExecutor
 from typing import Any
 
 from worker.models import DEFAULT_CROSSES, FLOAT_LIMIT, ClickTokens
 
+log = logging.getLogger(__name__)
 _NONE: dict[Any, float] = {}  # the weights of a field the window never saw
 
 
@@ -62,6 +66,7 @@ class BatchBaseline:
         c: float = 1.0,
         max_iter: int = 200,
         deploy_delay: int = 0,
+        keep_window: bool = True,
     ) -> None:
         if window < 2:
             raise ValueError("the batch window must hold at least 2 labelled events")
@@ -71,6 +76,9 @@ class BatchBaseline:
             raise ValueError("deploy_delay must be >= 0")
         self.window = window
         self.deploy_delay = deploy_delay
+        # Without retraining (by schedule or by a drift alarm) the window is only needed
+        # until the first fit starts: then it is dropped, from memory and snapshots.
+        self.keep_window = keep_window or retrain_every is not None
         self.retrain_every = retrain_every
         self.c = c
         self.max_iter = max_iter
@@ -89,6 +97,8 @@ class BatchBaseline:
 
     # Class defaults keep snapshots pickled before these attributes existed restorable.
     deploy_delay = 0
+    keep_window = True
+    _collecting = True  # the window still takes labelled events
     last_deploy_wait_seconds = 0.0
     # A training in progress: (the window's rows, the labelled count to deploy at).
     _job: tuple[list[tuple[dict[str, Any], bool]], int] | None = None
@@ -128,8 +138,7 @@ class BatchBaseline:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        if "_due_at" not in state:  # pickled by an older riverline
-            self._index()
+        self._index()  # the look-up tables are derived, not pickled
 
     def predict(self, x: dict[str, Any]) -> float | None:
         """Probability of a click, or None before the first training.
@@ -164,7 +173,8 @@ class BatchBaseline:
 
         True when a newly trained model took over at this event.
         """
-        self._recent.append((x, y))
+        if self._collecting:
+            self._recent.append((x, y))
         self.labelled += 1
         if self.labelled < self._due_at and not self.retrain_requested:
             return False
@@ -212,6 +222,9 @@ class BatchBaseline:
     def _start(self) -> None:
         """Freeze the window as the training set; fit it in the background."""
         rows = list(self._recent)
+        if not self.keep_window:
+            self._recent.clear()
+            self._collecting = False
         self._job = (rows, self.labelled + self.deploy_delay)
         self.retrain_requested = False
         self.trained_at_labelled = self.labelled
@@ -223,7 +236,7 @@ class BatchBaseline:
         if self.deploy_delay == 0:
             self._future = None  # fitted in _deploy, on this thread
         else:
-            self._future = _executor().submit(_fit, rows, self.tokens, self.c, self.max_iter)
+            self._future = fit_executor().submit(_fit, rows, self.tokens, self.c, self.max_iter)
 
     def _deploy(self) -> None:
         """Install the job's model, waiting for the fit if it is not done yet."""
@@ -237,7 +250,7 @@ class BatchBaseline:
             fit = _fit(self._job[0], self.tokens, self.c, self.max_iter)
         else:
             waited = time.perf_counter()
-            fit = future.result()
+            fit = _fit_result(future, self._job[0], self.tokens, self.c, self.max_iter)
             self.last_deploy_wait_seconds = time.perf_counter() - waited
         self.coef, self.intercept, seconds = fit
         self._job = None
@@ -249,6 +262,8 @@ class BatchBaseline:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_future"] = None  # a running fit is not state: the job's rows are
+        for derived in ("_fields", "_numeric", "_crosses", "_due_at"):
+            state.pop(derived, None)  # rebuilt from coef by _index()
         return state
 
 
@@ -263,6 +278,7 @@ def _fit(
     import numpy as np
     from scipy.sparse import csr_matrix
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     started = time.perf_counter()
     vocab: dict[tuple[str, Any], int] = {}
@@ -285,7 +301,9 @@ def _fit(
         shape=(len(labels), max(1, len(vocab))),
     )
     model = LogisticRegression(C=c, max_iter=max_iter, solver="lbfgs")
-    model.fit(matrix, np.asarray(labels, dtype=bool))
+    # One BLAS thread: a fit must not take both cores from the loop and the broker.
+    with threadpool_limits(limits=1):
+        model.fit(matrix, np.asarray(labels, dtype=bool))
     weights = model.coef_[0]
     coef = {k: float(weights[i]) for k, i in vocab.items() if weights[i] != 0.0}
     return coef, float(model.intercept_[0]), time.perf_counter() - started
@@ -301,11 +319,48 @@ def _features(tokens: ClickTokens, x: dict[str, Any]) -> list[tuple[tuple[str, A
     return out
 
 
-_EXECUTOR: list[ThreadPoolExecutor] = []
+_EXECUTOR: list[Executor] = []
 
 
-def _executor() -> ThreadPoolExecutor:
-    """One background thread fits every partition's baseline, one after another."""
+def fit_executor() -> Executor:
+    """One background process fits every partition's baseline, one after another.
+
+    A process, not a thread: on a thread the fit shared the GIL with the loop and halved
+    its speed while it ran (p99 latency 250 ms at 15,000 events/s on this machine). The
+    process (:mod:`worker.fitproc`) runs at the lowest CPU priority with one BLAS
+    thread, so the loop, librdkafka and a broker on the same host go first.
+    """
     if not _EXECUTOR:
-        _EXECUTOR.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="riverline-fit"))
+        from worker.fitproc import FitProcess
+
+        _EXECUTOR.append(FitProcess())
+        atexit.register(_EXECUTOR[0].shutdown)
     return _EXECUTOR[0]
+
+
+def start_fit_process() -> None:
+    """Start the fit process now (it imports scikit-learn, about a second), not at the
+    first fit."""
+    fit_executor().submit(_warm_up)
+
+
+def _warm_up() -> None:
+    import scipy.sparse  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+
+
+def _fit_result(
+    future: Future[tuple[dict[tuple[str, Any], float], float, float]],
+    rows: list[tuple[dict[str, Any], bool]],
+    tokens: ClickTokens,
+    c: float,
+    max_iter: int,
+) -> tuple[dict[tuple[str, Any], float], float, float]:
+    """The background fit's result; if its process died (killed, out of memory), fit
+    here instead — the same rows give the same model — and start a new process."""
+    try:
+        return future.result()
+    except BrokenExecutor as exc:
+        log.warning("the baseline's fit process failed (%s); fitting in the loop instead", exc)
+        _EXECUTOR.clear()
+        return _fit(rows, tokens, c, max_iter)

@@ -85,7 +85,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "baseline_deploy_delay",
-        5000,
+        10_000,
         "labelled events between the end of a training window and the moment its model "
         "serves; the fit runs in the background meanwhile (0: fit at once, pausing)",
         int,
@@ -183,7 +183,7 @@ class Settings:
     exit_when_idle: float = 0.0
     baseline_window: int = 10_000
     baseline_retrain_every: str = "never"
-    baseline_deploy_delay: int = 5000
+    baseline_deploy_delay: int = 10_000
     drift_detector: str = "adwin"
     drift_action: str = "none"
     drift_grace: int = 1000

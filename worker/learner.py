@@ -81,6 +81,7 @@ class PartitionLearner:
                 opts.baseline_window,
                 opts.baseline_retrain_every,
                 deploy_delay=opts.baseline_deploy_delay,
+                keep_window=opts.drift_action == "retrain-batch",
             )
             if opts.baseline_window
             else None

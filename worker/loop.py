@@ -24,6 +24,7 @@ import logging
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 from types import FrameType
@@ -39,6 +40,7 @@ from confluent_kafka import (
 )
 
 from worker import __version__
+from worker.baseline import start_fit_process
 from worker.config import Settings
 from worker.errors import RiverlineError
 from worker.events import MODEL_ERROR, EventCodec, InvalidEvent, encode_prediction
@@ -164,7 +166,10 @@ class Worker:
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        tune_gc(preload_baseline=self.learner_options.baseline_window > 0)
+        opts = self.learner_options
+        if opts.baseline_window and opts.baseline_deploy_delay:
+            start_fit_process()
+        tune_gc(preload_baseline=opts.baseline_window > 0)
         try:
             self._loop()
         finally:
@@ -433,8 +438,11 @@ class Worker:
                 return
         else:
             self._flush()  # predictions and dead letters acknowledged
-            self._write_snapshots(due)
+            t_flushed = time.monotonic()
+            size = self._write_snapshots(due)
+            t_written = time.monotonic()
             self._flush()  # snapshots acknowledged before the offsets move
+            t_acked = time.monotonic()
             try:
                 result = self.consumer.commit(offsets=offsets, asynchronous=False)
             except KafkaException as exc:
@@ -463,7 +471,19 @@ class Worker:
             if lr.partition in committed:
                 lr.committed_offset = lr.next_offset
         self.stats.commits += 1
-        self.stats.checkpoint_duration.observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        self.stats.checkpoint_duration.observe(took)
+        if took > SLOW_CHECKPOINT and not self.eos:
+            log.info(
+                "slow checkpoint: %.0f ms (flush %.0f, snapshot %.0f for %d bytes, "
+                "flush %.0f, commit %.0f)",
+                took * 1e3,
+                (t_flushed - started) * 1e3,
+                (t_written - t_flushed) * 1e3,
+                size,
+                (t_acked - t_written) * 1e3,
+                (time.monotonic() - t_acked) * 1e3,
+            )
 
     def _commit_transaction(self) -> None:
         assert self.producer is not None
@@ -639,6 +659,7 @@ class Worker:
 
 
 GC_YOUNG_THRESHOLD = 10_000
+SLOW_CHECKPOINT = 0.1  # seconds: a longer checkpoint is logged with its phases
 
 
 def tune_gc(preload_baseline: bool = False) -> None:
@@ -659,6 +680,7 @@ def tune_gc(preload_baseline: bool = False) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+    sys.setswitchinterval(0.0005)
 
 
 def peak_rss() -> int:

@@ -11,6 +11,8 @@ import math
 import pickle
 import random
 from collections import Counter
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from river import drift
@@ -191,7 +193,9 @@ def test_background_fit_deploys_at_its_fixed_event_however_long_it_takes(monkeyp
         time.sleep(0.3)
         return fit(*args)
 
+    # (A thread here: the slow stand-in cannot be sent to the fit process.)
     monkeypatch.setattr(baseline_module, "_fit", slow_fit)
+    monkeypatch.setattr(baseline_module, "fit_executor", lambda: ThreadPoolExecutor(1))
     slow_baseline = BatchBaseline(window=window, deploy_delay=delay)
     slow = run(slow_baseline)
     assert slow == quick
@@ -199,6 +203,17 @@ def test_background_fit_deploys_at_its_fixed_event_however_long_it_takes(monkeyp
     assert quick[window + delay :] == reference[window + delay :]
     assert reference[window] is not None
     assert slow_baseline.last_deploy_wait_seconds > 0.05  # it did wait at the fixed point
+
+    # A fit process that dies: the loop fits the same rows itself, with the same result.
+    class Killed(Executor):
+        def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
+            future: Future[Any] = Future()
+            future.set_exception(BrokenProcessPool("the fit process was killed"))
+            return future
+
+    monkeypatch.setattr(baseline_module, "_fit", fit)
+    monkeypatch.setattr(baseline_module, "fit_executor", Killed)
+    assert run(BatchBaseline(window=window, deploy_delay=delay)) == quick
 
 
 def test_a_snapshot_taken_while_the_baseline_trains_restores_exactly() -> None:
@@ -215,3 +230,49 @@ def test_a_snapshot_taken_while_the_baseline_trains_restores_exactly() -> None:
     assert got == want
     assert restored.baseline is not None and restored.baseline.trainings == 1
     assert any(p.batch_click_probability is not None for p in got)
+
+
+def test_the_window_is_dropped_once_nothing_can_retrain() -> None:
+    """Trained once and never again: the window leaves memory and snapshots; with a
+    retraining schedule or the retrain-batch drift action it stays."""
+    events = [(_x(ev), bool(ev["clicked"])) for ev in _events(1500)]
+    once = BatchBaseline(window=1000, keep_window=False)
+    scheduled = BatchBaseline(window=1000, retrain_every=2000, keep_window=False)
+    on_alarm = BatchBaseline(window=1000, keep_window=True)
+    for b in (once, scheduled, on_alarm):
+        for x, y in events:
+            b.observe(x, y)
+        assert b.trained
+    assert len(once._recent) == 0
+    assert len(pickle.dumps(once)) < len(pickle.dumps(scheduled)) - 10_000
+    assert len(scheduled._recent) == len(on_alarm._recent) == 1000
+    opts = LearnerOptions(baseline_window=1000)
+    learner = PartitionLearner("t", 0, make_model("logreg"), options=opts)
+    assert learner.baseline is not None and not learner.baseline.keep_window
+    alarmed = LearnerOptions(
+        baseline_window=1000, drift_detector="adwin", drift_action="retrain-batch"
+    )
+    learner = PartitionLearner("t", 0, make_model("logreg"), options=alarmed)
+    assert learner.baseline is not None and learner.baseline.keep_window
+
+
+def test_the_fit_process_returns_errors_and_reports_its_death() -> None:
+    import time
+
+    import pytest
+
+    from worker.fitproc import FitProcess
+
+    pool = FitProcess()
+    try:
+        assert pool.submit(divmod, 7, 2).result(timeout=60) == (3, 1)
+        with pytest.raises(ZeroDivisionError):
+            pool.submit(divmod, 1, 0).result(timeout=60)
+        running = pool.submit(time.sleep, 30)
+        pool._proc.kill()
+        with pytest.raises(BrokenProcessPool):
+            running.result(timeout=30)
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(divmod, 7, 2).result(timeout=5)
+    finally:
+        pool.shutdown(wait=False)

@@ -1,0 +1,143 @@
+"""A child process that runs the batch baseline's fits, off the worker's GIL.
+
+``FitProcess`` is a one-worker :class:`concurrent.futures.Executor` backed by
+``python -m worker.fitproc``: each call is pickled down a pipe, run in the child, and its
+result (or exception) pickled back. The child is started with ``subprocess`` rather than
+``multiprocessing`` so that it never re-imports the parent's ``__main__`` (a script
+without a ``__main__`` guard would otherwise run again in the child). It runs at the
+lowest CPU priority with one BLAS thread.
+
+>>> pool = FitProcess()
+>>> pool.submit(divmod, 7, 2).result(timeout=60)
+(3, 1)
+>>> pool.shutdown()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
+from typing import IO, Any
+
+_LENGTH = struct.Struct("!Q")
+
+
+def _send(stream: IO[bytes], obj: Any) -> None:
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_LENGTH.pack(len(payload)))
+    stream.write(payload)
+    stream.flush()
+
+
+def _receive(stream: IO[bytes]) -> Any:
+    header = stream.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        raise EOFError("the other side closed the pipe")
+    (size,) = _LENGTH.unpack(header)
+    payload = stream.read(size)
+    if len(payload) < size:
+        raise EOFError("the other side closed the pipe mid-message")
+    return pickle.loads(payload)  # from our own parent or child only
+
+
+class FitProcess(Executor):
+    """Runs submitted calls one after another in a child process."""
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.fitproc"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+        )
+        self._lock = threading.Lock()
+        self._pending: deque[Future[Any]] = deque()
+        self._broken: BaseException | None = None
+        self._reader = threading.Thread(
+            target=self._read, name="riverline-fit-results", daemon=True
+        )
+        self._reader.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._broken is not None:
+                future.set_exception(BrokenProcessPool(str(self._broken)))
+                return future
+            self._pending.append(future)
+            try:
+                assert self._proc.stdin is not None
+                _send(self._proc.stdin, (fn, args, kwargs))
+            except (OSError, ValueError) as exc:  # the child is gone
+                self._fail(exc)
+        return future
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        while True:
+            try:
+                ok, value = _receive(self._proc.stdout)
+            except (EOFError, OSError, pickle.UnpicklingError) as exc:
+                with self._lock:
+                    self._fail(exc)
+                return
+            with self._lock:
+                future = self._pending.popleft()
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The child died: every pending and later call fails (caller holds the lock)."""
+        self._broken = exc
+        while self._pending:
+            future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(BrokenProcessPool(f"the fit process ended: {exc}"))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()  # the child exits at end of input
+        if wait:
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        else:
+            self._proc.kill()
+
+
+def _serve() -> None:
+    """The child: read calls from stdin, write (ok, result) to stdout, until EOF."""
+    with contextlib.suppress(AttributeError, OSError):  # not allowed: normal priority
+        os.nice(19)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # anything printed must not corrupt the replies
+    while True:
+        try:
+            fn, args, kwargs = _receive(stdin)
+        except EOFError:
+            return
+        try:
+            reply = (True, fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 (sent back to the caller, raised there)
+            reply = (False, exc)
+        _send(stdout, reply)
+
+
+if __name__ == "__main__":
+    _serve()
