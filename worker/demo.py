@@ -90,6 +90,10 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             "metrics_address": f"127.0.0.1:{port}",
             "exit_when_idle": 4.0,
             "commit_interval": 2.0,
+            # A short demo stream: the batch model trains on the first fifth of each
+            # partition's events and serves from 30% in, well before the drift (50%).
+            "baseline_window": max(100, opts.events // opts.partitions // 5),
+            "baseline_deploy_delay": max(10, opts.events // opts.partitions // 10),
         },
         env=env,
     )

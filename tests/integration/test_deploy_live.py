@@ -276,6 +276,7 @@ def stack(
             "--exit-when-idle=120",  # a safety net: the test stops it
             "--drift-grace=500",
             "--baseline-window=1000",
+            "--baseline-deploy-delay=200",
             "--data-drift-block=1000",
             "--window=500",
             "--commit-interval=1",
