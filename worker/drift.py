@@ -24,11 +24,10 @@ stable, > 0.25 as a significant shift.
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable
-from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -122,20 +121,25 @@ def psi(reference: Counter[Any], recent: Counter[Any], eps: float = 1e-4) -> flo
 
 
 class _Feature:
-    """Bucketing of one feature, fixed from the reference block."""
+    """Bucketing of one feature, fixed from the reference block's value counts."""
 
-    def __init__(self, values: list[Any], top: int = 20) -> None:
-        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
-        self.numeric = len(numbers) > len(values) / 2 and len({*numbers}) > top
+    def __init__(self, values: Counter[Any], top: int = 20) -> None:
+        n = sum(values.values())
+        numbers = Counter(
+            {
+                v: c
+                for v, c in values.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
+        self.numeric = numbers.total() > n / 2 and len(numbers) > top
         if self.numeric:
-            ordered = sorted(numbers)
+            ordered = sorted(numbers.elements())
             self.edges = sorted({ordered[len(ordered) * i // 10] for i in range(1, 10)})
             self.top: set[Any] = set()
         else:
             self.edges = []
-            self.top = {v for v, _ in Counter(values).most_common(top)}
-
-    _lookup: dict[Any, Any] | None = None  # value -> bucket for the top values (lazy)
+            self.top = {v for v, _ in values.most_common(top)}
 
     def bucket(self, value: Any) -> Any:
         if value is None:
@@ -146,26 +150,22 @@ class _Feature:
             return bisect.bisect_right(self.edges, value)
         return value if value in self.top else OTHER
 
-    def count(self, values: Iterable[Any]) -> Counter[Any]:
-        """``Counter(bucket(v) for v in values)``, without a Python call per value."""
-        if not self.numeric:
-            lookup = self._lookup
-            if lookup is None:
-                lookup = self._lookup = {v: v for v in self.top} | {None: MISSING}
-            return Counter(map(lookup.get, values, repeat(OTHER)))
+    def count(self, values: Counter[Any]) -> Counter[Any]:
+        """Bucket counts from value counts (once per distinct value)."""
         counts: Counter[Any] = Counter()
-        edges = self.edges
-        for value, n in Counter(values).items():  # numbers: once per distinct value
-            t = type(value)
-            if t is float or t is int:
-                counts[bisect.bisect_right(edges, value)] += n
-            else:
-                counts[MISSING if value is None else OTHER] += n
+        bucket = self.bucket
+        for value, n in values.items():
+            counts[bucket(value)] += n
         return counts
 
 
 class DataDrift:
-    """PSI of tracked features, the label and the prediction: reference vs recent block."""
+    """PSI of tracked features, the label and the prediction: reference vs recent block.
+
+    Per event, one C-level count of the event's (feature, value) pairs, a label count
+    and the prediction appended: nothing of the event is kept. Bucketing happens when a
+    block closes, once per distinct value.
+    """
 
     def __init__(self, block: int = 5000, features: tuple[str, ...] = (), top_k: int = 8) -> None:
         if block < 10:
@@ -173,7 +173,9 @@ class DataDrift:
         self.block = block
         self.configured = tuple(features)
         self.top_k = top_k
-        self._rows: list[tuple[dict[str, Any], bool | None, float]] = []
+        self._pairs: Counter[tuple[str, Any]] = Counter()  # (feature, value) -> events
+        self._labels = [0, 0]  # events labelled False, True
+        self._ps: list[float] = []  # the block's predictions
         self._has_reference = False
         self.features: tuple[str, ...] = ()
         self._buckets: dict[str, _Feature] = {}
@@ -183,56 +185,91 @@ class DataDrift:
         self._rebase = False
 
     def add(self, x: dict[str, Any], y: bool | None, p: float) -> None:
-        self._rows.append((x, y, p))
-        if len(self._rows) >= self.block:
+        _count_pairs(self._pairs, x.items())
+        if y is not None:
+            self._labels[y] += 1
+        ps = self._ps
+        ps.append(p)
+        if len(ps) >= self.block:
             self._close_block()
 
     def rebase(self) -> None:
         """Make the next complete block the reference (after a batch retrain)."""
         self._rebase = True
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        rows = state.pop("_rows", None)
+        self.__dict__.update(state)
+        if rows is not None:  # pickled by an older riverline, which kept the events
+            self._pairs, self._labels, self._ps = Counter(), [0, 0], []
+            for x, y, p in rows:
+                _count_pairs(self._pairs, x.items())
+                if y is not None:
+                    self._labels[y] += 1
+                self._ps.append(p)
+
     def _close_block(self) -> None:
-        rows, self._rows = self._rows, []
+        pairs, self._pairs = self._pairs, Counter()
+        labels, self._labels = self._labels, [0, 0]
+        ps, self._ps = self._ps, []
         self.blocks += 1
+        values = _by_feature(pairs, len(ps))
+        label_counts = Counter({y: n for y, n in ((True, labels[1]), (False, labels[0])) if n})
         if not self._has_reference or self._rebase:
-            self._set_reference(rows)
+            self._set_reference(values, label_counts, ps)
             self._rebase = False
             return
-        xs, ys, ps = zip(*rows, strict=True)
+        empty: Counter[Any] = Counter({None: len(ps)})
         for name in self.features:
-            self.scores[name] = psi(self._ref_counts[name], self._bucketed(name, xs))
-        self.scores["__label__"] = psi(self._ref_counts["__label__"], _labels(ys))
+            recent = self._buckets[name].count(values.get(name, empty))
+            self.scores[name] = psi(self._ref_counts[name], recent)
+        self.scores["__label__"] = psi(self._ref_counts["__label__"], label_counts)
         self.scores["__prediction__"] = psi(
             self._ref_counts["__prediction__"], _prediction_bins(ps)
         )
 
-    def _bucketed(self, name: str, xs: tuple[dict[str, Any], ...]) -> Counter[Any]:
-        """Bucket counts of one feature over a block."""
-        return self._buckets[name].count(map(dict.get, xs, repeat(name)))
-
-    def _set_reference(self, rows: list[tuple[dict[str, Any], bool | None, float]]) -> None:
+    def _set_reference(
+        self, values: dict[str, Counter[Any]], labels: Counter[Any], ps: list[float]
+    ) -> None:
         self._has_reference = True
-        xs, ys, ps = zip(*rows, strict=True)
         if not self.features:
             if self.configured:
                 self.features = self.configured
             else:
-                names: Counter[str] = Counter(k for x, _, _ in rows for k in x)
+                n = len(ps)
+                events = {name: n - c.get(None, 0) for name, c in values.items()}
                 # Most frequent first; ties by name, so the choice is deterministic.
-                ranked = sorted(names.items(), key=lambda kv: (-kv[1], kv[0]))
+                ranked = sorted(events.items(), key=lambda kv: (-kv[1], kv[0]))
                 self.features = tuple(k for k, _ in ranked[: self.top_k])
-        self._buckets = {n: _Feature([x.get(n) for x in xs]) for n in self.features}
-        self._ref_counts = {n: self._bucketed(n, xs) for n in self.features}
-        self._ref_counts["__label__"] = _labels(ys)
+        empty: Counter[Any] = Counter({None: len(ps)})
+        self._buckets = {n: _Feature(values.get(n, empty)) for n in self.features}
+        self._ref_counts = {n: self._buckets[n].count(values.get(n, empty)) for n in self.features}
+        self._ref_counts["__label__"] = labels
         self._ref_counts["__prediction__"] = _prediction_bins(ps)
 
 
-def _labels(ys: tuple[bool | None, ...]) -> Counter[Any]:
-    """Counts of the known labels (None is no label)."""
-    return Counter({y: n for y in (True, False) if (n := ys.count(y))})
+_count_pairs = getattr(collections, "_count_elements", None) or (
+    lambda counter, items: counter.update(items)
+)  # collections' own C helper behind Counter.update, without its Mapping check
 
 
-def _prediction_bins(ps: tuple[float, ...]) -> Counter[Any]:
+def _by_feature(pairs: Counter[tuple[str, Any]], n: int) -> dict[str, Counter[Any]]:
+    """Value counts per feature from (feature, value) counts; events without the
+    feature count as the value None."""
+    out: dict[str, Counter[Any]] = {}
+    for (name, value), c in pairs.items():
+        counts = out.get(name)
+        if counts is None:
+            counts = out[name] = Counter()
+        counts[value] += c
+    for counts in out.values():
+        missing = n - counts.total()
+        if missing:
+            counts[None] += missing
+    return out
+
+
+def _prediction_bins(ps: list[float]) -> Counter[Any]:
     """Counts of predictions in 10 bins of width 0.1 (1.0 falls in the last)."""
     bins = np.minimum((np.asarray(ps, dtype=np.float64) * 10).astype(np.int64), 9)
     counts = np.bincount(bins, minlength=10)

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
+from queue import SimpleQueue
 from typing import IO, Any
 
 _LENGTH = struct.Struct("!Q")
@@ -62,10 +63,16 @@ class FitProcess(Executor):
         self._lock = threading.Lock()
         self._pending: deque[Future[Any]] = deque()
         self._broken: BaseException | None = None
+        # Calls are written by a thread of their own: a write blocks while the child
+        # (at low priority) has not read the previous one, and the caller must not.
+        self._outbox: SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]
+        self._outbox = SimpleQueue()
         self._reader = threading.Thread(
             target=self._read, name="riverline-fit-results", daemon=True
         )
+        self._writer = threading.Thread(target=self._write, name="riverline-fit-calls", daemon=True)
         self._reader.start()
+        self._writer.start()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         future: Future[Any] = Future()
@@ -74,12 +81,19 @@ class FitProcess(Executor):
                 future.set_exception(BrokenProcessPool(str(self._broken)))
                 return future
             self._pending.append(future)
-            try:
-                assert self._proc.stdin is not None
-                _send(self._proc.stdin, (fn, args, kwargs))
-            except (OSError, ValueError) as exc:  # the child is gone
-                self._fail(exc)
+            self._outbox.put((fn, args, kwargs))
         return future
+
+    def _write(self) -> None:
+        assert self._proc.stdin is not None
+        while True:
+            call = self._outbox.get()
+            try:
+                _send(self._proc.stdin, call)
+            except (OSError, ValueError) as exc:  # the child is gone, or shut down
+                with self._lock:
+                    self._fail(exc)
+                return
 
     def _read(self) -> None:
         assert self._proc.stdout is not None

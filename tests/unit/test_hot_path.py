@@ -127,7 +127,7 @@ def test_data_drift_scores_equal_counting_each_block_directly() -> None:
         d.add(x, y, p)
     ref, last = rows[:block], rows[-block:]
     for name in ("device", "score", "missing"):
-        f = _Feature([x.get(name) for x, _, _ in ref])
+        f = _Feature(Counter(x.get(name) for x, _, _ in ref))
         want = psi(
             Counter(f.bucket(x.get(name)) for x, _, _ in ref),
             Counter(f.bucket(x.get(name)) for x, _, _ in last),
@@ -142,6 +142,25 @@ def test_data_drift_scores_equal_counting_each_block_directly() -> None:
         Counter(min(int(p * 10), 9) for _, _, p in last),
     )
     assert d.scores["device"] > 0.1  # the shift shows
+    assert d.scores["score"] > 0.1
+    assert d.scores["missing"] == 0.0  # never present: all in the "missing" bucket
+
+    # A snapshot from before (it kept the block's events) goes on the same way.
+    old = DataDrift(block=block, features=("device", "score", "missing"))
+    fresh = DataDrift(block=block, features=("device", "score", "missing"))
+    for x, y, p in rows[: block + 100]:
+        fresh.add(x, y, p)
+        old.add(x, y, p)
+    state = dict(old.__dict__)
+    state["_rows"] = rows[block : block + 100]
+    for name in ("_pairs", "_labels", "_ps"):
+        del state[name]
+    restored = DataDrift.__new__(DataDrift)
+    restored.__setstate__(state)
+    for x, y, p in rows[block + 100 :]:
+        fresh.add(x, y, p)
+        restored.add(x, y, p)
+    assert restored.scores == fresh.scores and fresh.scores
 
 
 # -- scores folded per batch ----------------------------------------------------------------------
