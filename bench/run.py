@@ -385,7 +385,9 @@ def memory(bs: str, n: int) -> dict[str, Any]:
     t.start()
     worker.wait(timeout=3600)
     t.join(5)
-    steady = samples[len(samples) // 5 :]  # after warm-up (the first fifth)
+    # After warm-up (the first fifth), and before the idle wait that ends the run
+    # (--exit-when-idle 3) and the shutdown, which frees the model.
+    steady = samples[len(samples) // 5 : -4] or samples
     mean = sum(steady) / len(steady)
     return {
         "events": n,
@@ -393,6 +395,7 @@ def memory(bs: str, n: int) -> dict[str, Any]:
         "rss_mean_mb": mean / 1e6,
         "rss_min_pct": (min(steady) / mean - 1) * 100,
         "rss_max_pct": (max(steady) / mean - 1) * 100,
+        "rss_samples_mb": [round(v / 1e6) for v in samples],
     }
 
 
@@ -407,6 +410,9 @@ def main() -> int:
     ap.add_argument("--latency-seconds", type=float, default=20.0)
     ap.add_argument("--memory-events", type=int, default=0, help="e.g. 1000000 (slow)")
     ap.add_argument(
+        "--memory-only", type=int, metavar="EVENTS", help="only measure memory over EVENTS"
+    )
+    ap.add_argument(
         "--latency-only",
         type=float,
         metavar="RATE",
@@ -417,6 +423,13 @@ def main() -> int:
 
     bs, broker = bootstrap()
     results: dict[str, Any] = {"events": args.events, "machine": os.uname().nodename}
+    if args.memory_only:
+        try:
+            print(json.dumps(memory(bs, args.memory_only)))
+        finally:
+            if broker is not None:
+                broker.stop()
+        return 0
     if args.latency_only:
         try:
             print(json.dumps(latency(bs, args.latency_only, args.latency_seconds, args.users)))
