@@ -206,13 +206,6 @@ class BatchBaseline:
         """Retrain at the next labelled event (e.g. on a drift alarm)."""
         self.retrain_requested = True
 
-    def train(self) -> None:
-        """Fit on the window now and deploy at once (what ``observe`` does when due and
-        ``deploy_delay`` is 0)."""
-        self._start()
-        self._deploy()
-        self._index()
-
     @property
     def training(self) -> bool:
         """A model is being trained and deploys at a later labelled event."""

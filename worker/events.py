@@ -264,10 +264,6 @@ class EventCodec:
             raise InvalidEvent(SCHEMA_VIOLATION, explain(self.validator, event))
         return ClickEvent._unchecked(event)
 
-    def explain(self, event: Any) -> str:
-        """The first schema error, as a short sentence with its JSON path."""
-        return explain(self.validator, event)
-
 
 def features_of(event: dict[str, Any]) -> dict[str, Any]:
     """The model input ``x`` of an event as a dict (see :meth:`ClickEvent.x`).

@@ -169,7 +169,8 @@ class Worker:
         opts = self.learner_options
         if opts.baseline_window and opts.baseline_deploy_delay:
             start_fit_process()
-        tune_gc(preload_baseline=opts.baseline_window > 0)
+        # The parent needs scikit-learn only when it fits in the loop itself.
+        tune_gc(preload_baseline=opts.baseline_window > 0 and not opts.baseline_deploy_delay)
         try:
             self._loop()
         finally:
