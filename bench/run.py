@@ -88,12 +88,16 @@ def produce(bs: str, topic: str, raws: list[bytes], keys: list[bytes]) -> None:
     p.flush(120)
 
 
-def floor(preset: str, decoded: list[tuple[dict[str, Any], Any]], baseline: bool = False) -> float:
+def floor(
+    preset: str, decoded: list[tuple[dict[str, Any], Any]], baseline: bool = False
+) -> tuple[float, float]:
     """The models alone in a bare loop: the online model's predict then learn, and with
-    ``baseline`` the batch baseline's predict and window too (the worker's default)."""
+    ``baseline`` the batch baseline's predict and window too (the worker's default).
+
+    Returns (events per second, CPU µs per event of this thread)."""
     model = make_model(preset, seed=0)
     batch = BatchBaseline(window=BASELINE_WINDOW, deploy_delay=BASELINE_DELAY) if baseline else None
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     for x, y in decoded:
         model.predict_proba_one(x)
         if batch is not None:
@@ -102,7 +106,19 @@ def floor(preset: str, decoded: list[tuple[dict[str, Any], Any]], baseline: bool
             model.learn_one(x, y)
             if batch is not None:
                 batch.observe(x, y)
-    return len(decoded) / (time.perf_counter() - started)
+    n = len(decoded)
+    return n / (time.perf_counter() - started), (time.thread_time() - cpu) / n * 1e6
+
+
+def floors(
+    preset: str, decoded: list[tuple[dict[str, Any], Any]], features: str
+) -> tuple[float, float, float]:
+    """(online model alone, the floor for ``features``, that floor's CPU µs per event)."""
+    online, online_cpu = floor(preset, decoded)
+    if features == "core":
+        return online, online, online_cpu
+    both, both_cpu = floor(preset, decoded, baseline=True)
+    return online, both, both_cpu
 
 
 def ceiling(bs: str, topic: str, n: int) -> float:
@@ -406,7 +422,7 @@ def main() -> int:
     ap.add_argument("--presets", nargs="+", default=["logreg", "fm"])
     ap.add_argument("--guarantees", nargs="+", default=["at-least-once", "exactly-once"])
     ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--rounds", type=int, default=3, help="repetitions (medians are reported)")
+    ap.add_argument("--rounds", type=int, default=5, help="repetitions (medians are reported)")
     ap.add_argument("--latency-seconds", type=float, default=20.0)
     ap.add_argument("--memory-events", type=int, default=0, help="e.g. 1000000 (slow)")
     ap.add_argument(
@@ -463,9 +479,9 @@ def main() -> int:
             for guarantee in args.guarantees
             for features in ("default", "core")
         ]
+        keys = ("floor", "floor_online", "riverline", "rss", "cp", "floor_cpu", "loop_cpu", "wait")
         samples: dict[tuple[str, str, str], dict[str, list[float]]] = {
-            c: {"floor": [], "floor_online": [], "riverline": [], "rss": [], "cp": []}
-            for c in configs
+            c: {k: [] for k in keys} for c in configs
         }
         peer_samples: dict[str, list[float]] = {p: [] for p in args.presets}
         # Rounds: every contender once per round, so a slow spell of the machine hits
@@ -477,13 +493,16 @@ def main() -> int:
                 if features == "core":
                     extra += CORE_FLAGS
                 smp = samples[(preset, guarantee, features)]
-                online = floor(preset, decoded)
-                smp["floor_online"].append(online)
-                smp["floor"].append(
-                    online if features == "core" else floor(preset, decoded, baseline=True)
-                )
+                # The floor runs just before and just after riverline, and the round
+                # takes their mean: a slow spell during the round hits both sides.
+                before = floors(preset, decoded, features)
                 rl = riverline(bs, topic, extra, f"{preset} {guarantee} {features}")
+                after = floors(preset, decoded, features)
+                for i, key in enumerate(("floor_online", "floor", "floor_cpu")):
+                    smp[key].append((before[i] + after[i]) / 2)
                 smp["riverline"].append(rl["rate"])
+                smp["loop_cpu"].append(rl["loop_cpu_seconds"] / rl["messages"] * 1e6)
+                smp["wait"].append(rl["deploy_wait_seconds"])
                 smp["rss"].append(rl["peak_rss_bytes"] / 1e6)
                 smp["cp"].append(100 * rl["checkpoint_seconds"] / rl["seconds"])
             if not args.no_peer:
@@ -511,6 +530,12 @@ def main() -> int:
                         (1 / r - 1 / f) * 1e6
                         for r, f in zip(smp["riverline"], smp["floor"], strict=True)
                     ],
+                    # The same difference in CPU time of the working thread: riverline's
+                    # loop thread against the floor's, per event (preemption excluded).
+                    "cpu_overhead_us": median(
+                        lc - fc for lc, fc in zip(smp["loop_cpu"], smp["floor_cpu"], strict=True)
+                    ),
+                    "deploy_wait_s": median(smp["wait"]),
                     "checkpoint_pct": median(smp["cp"]),
                     "peak_rss_mb": max(smp["rss"]),
                     "samples": smp,
@@ -556,13 +581,17 @@ def render(r: dict[str, Any]) -> str:
         "",
         "Floor: the same models over the same decoded events in a bare loop, in the bench "
         "process — the online River model, plus for `default` the batch baseline (its "
-        "predict and window). Overhead = 1/riverline − 1/floor per event; the column "
-        "after it charges the baseline to riverline too (floor = the online model alone).",
+        "predict and window). Each round measures the floor just before and just after "
+        "riverline and takes the mean. Overhead = 1/riverline − 1/floor per event (median "
+        "of the rates; per round in brackets); the CPU column is the same difference in "
+        "CPU time of the working thread (riverline's loop thread against the floor's), "
+        "which leaves out time the thread was preempted; the column after it charges the "
+        "baseline to riverline too (floor = the online model alone).",
         "",
         "| model | guarantee | features | floor | riverline | riverline/floor "
-        "| overhead per event | overhead vs online model alone | riverline/ceiling "
-        "| riverline/peer | checkpoint time | peak RSS |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| overhead per event | CPU overhead per event | overhead vs online model alone "
+        "| riverline/ceiling | riverline/peer | checkpoint time | deploy wait | peak RSS |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     peers = r.get("peer", {})
     for row in r["runs"]:
@@ -573,9 +602,10 @@ def render(r: dict[str, Any]) -> str:
             f"| {row['preset']} | {row['guarantee']} | {row['features']} | {row['floor']:,.0f}/s "
             f"| {row['riverline']:,.0f}/s | {row['ratio_floor']:.2f} "
             f"| {row['overhead_us']:.1f} µs ({rounds}) "
+            f"| {row.get('cpu_overhead_us', float('nan')):.1f} µs "
             f"| {row.get('overhead_online_us', row['overhead_us']):.1f} µs "
             f"| {row['ratio_ceiling']:.2f} | {vs_peer} | {row.get('checkpoint_pct', 0):.1f}% "
-            f"| {row['peak_rss_mb']:.0f} MB |"
+            f"| {row.get('deploy_wait_s', 0):.2f} s | {row['peak_rss_mb']:.0f} MB |"
         )
     if peers:
         lines.append("")

@@ -147,10 +147,7 @@ class ClickEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
     def x(self) -> dict[str, Any]:
         """The model input: user and item ids plus the features."""
-        x: dict[str, Any] = {"user_id": self.user_id, "item_id": self.item_id}
-        if self.features:
-            x.update(self.features)
-        return x
+        return {"user_id": self.user_id, "item_id": self.item_id, **self.features}
 
     @classmethod
     def from_dict(cls, event: dict[str, Any]) -> ClickEvent:

@@ -123,6 +123,15 @@ class Worker:
             "rate": st.messages / busy if busy > 0 else 0.0,
             "checkpoints": st.commits,
             "checkpoint_seconds": st.checkpoint_duration.total,
+            # The loop thread's CPU time over the busy time: what riverline's own work
+            # costs, apart from time this thread waited or was preempted.
+            "loop_cpu_seconds": st.last_batch_cpu - st.first_batch_cpu,
+            # Time the loop waited for a background fit at a batch model's deploy point.
+            "deploy_wait_seconds": sum(
+                lr.baseline.deploy_wait_seconds
+                for lr in st.learners.values()
+                if lr.baseline is not None
+            ),
             "peak_rss_bytes": peak_rss(),
         }
 
@@ -200,11 +209,13 @@ class Worker:
             if msgs:
                 if stats.first_batch_at is None:
                     stats.first_batch_at = now
+                    stats.first_batch_cpu = time.thread_time()
                 self._process(msgs)
                 done = time.monotonic()
                 latency.observe(done - now, len(msgs))
                 stats.messages += len(msgs)
                 stats.last_batch_at = done
+                stats.last_batch_cpu = time.thread_time()
                 last_event = done
                 self._since_checkpoint += len(msgs)
             for learner in list(stats.learners.values()):

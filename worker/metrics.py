@@ -73,6 +73,10 @@ class WorkerStats:
         self.messages = 0  # messages processed by this process
         self.first_batch_at: float | None = None  # monotonic, start of the first batch
         self.last_batch_at: float | None = None  # monotonic, end of the last batch
+        # CPU time of the loop's thread at those two points: with the busy time, how
+        # much of it the loop ran rather than waited or was preempted.
+        self.first_batch_cpu = 0.0
+        self.last_batch_cpu = 0.0
         self.started = False  # first assignment handled
         self.commits = 0
         self.aborts = 0
