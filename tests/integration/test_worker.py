@@ -341,6 +341,13 @@ def test_predictions_equal_a_bare_river_loop(
     assert learner.committed_offset == len(events)
     group = run.worker.settings.group_id
     assert _committed(kafka_bootstrap, group, topics[0], 1) == [len(events)]
+    # The run's report (--report-file; the benchmark reads it): the busy time spans the
+    # first to the last batch, and the loop thread's CPU time over it cannot exceed it.
+    report = run.worker.report()
+    assert report["messages"] == len(events)
+    assert report["rate"] == pytest.approx(len(events) / report["seconds"])
+    assert 0 < report["loop_cpu_seconds"] <= report["seconds"] + 0.01
+    assert report["deploy_wait_seconds"] == 0.0  # no fit in the background here
 
     # The worker's scores are River's, fed the same (label, probability) pairs.
     pairs = [
