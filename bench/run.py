@@ -121,6 +121,62 @@ def floors(
     return online, both, both_cpu
 
 
+class _ConstantModel:
+    """Predicts 0.25, learns nothing: what is left is riverline's own per-event work."""
+
+    proba = {True: 0.25, False: 0.75}
+
+    def predict_proba_one(self, x: dict[str, Any]) -> dict[bool, float]:
+        return self.proba
+
+    def learn_one(self, x: dict[str, Any], y: bool) -> None:
+        pass
+
+
+def feature_costs(raws: list[bytes], rounds: int) -> dict[str, float]:
+    """CPU µs per event of riverline's per-event path (decode, predict-learn, encode) with
+    a constant model, in this process: with no feature, then each default feature alone,
+    then all of them; every figure is the best of ``rounds``. The batch baseline is
+    measured once deployed: its fit (in the background in the worker) is not counted."""
+    from worker.events import EventCodec, encode_prediction
+    from worker.learner import LearnerOptions, PartitionLearner
+
+    codec = EventCodec.load()
+    window = BASELINE_WINDOW
+    baseline = {"baseline_window": window, "baseline_deploy_delay": 0}
+    variants = {
+        "none": LearnerOptions(),
+        "batch baseline": LearnerOptions(**baseline),
+        "concept drift (ADWIN)": LearnerOptions(drift_detector="adwin"),
+        "data drift": LearnerOptions(data_drift_block=Settings.data_drift_block),
+        "all (the default)": LearnerOptions(
+            **baseline,
+            drift_detector="adwin",
+            data_drift_block=Settings.data_drift_block,
+        ),
+    }
+    warm, timed = raws[: 2 * window], raws[2 * window :]
+    out: dict[str, float] = {}
+    for name, options in variants.items():
+        best = float("inf")
+        for _ in range(rounds):
+            learner = PartitionLearner("bench", 0, _ConstantModel(), options=options)
+            for offset, raw in enumerate(warm):  # past the baseline's fit and first block
+                learner.predict_learn(codec.decode(raw), offset)
+            learner.end_batch()
+            decode, encode = codec.decode, encode_prediction
+            started = time.thread_time()
+            for offset, raw in enumerate(timed, len(warm)):
+                event = decode(raw)
+                encode(learner.predict_learn(event, offset))
+                if offset % 500 == 0:
+                    learner.end_batch(force=False)
+            learner.end_batch()
+            best = min(best, (time.thread_time() - started) / len(timed) * 1e6)
+        out[name] = best
+    return out
+
+
 def ceiling(bs: str, topic: str, n: int) -> float:
     """Consume, decode, produce, commit: Kafka I/O and JSON without a model."""
     out = f"{topic}-passthrough-{uuid.uuid4().hex[:6]}"
@@ -143,7 +199,7 @@ def ceiling(bs: str, topic: str, n: int) -> float:
         for m in msgs:
             if m.error():
                 continue
-            ev = orjson.loads(m.value())  # type: ignore[arg-type]
+            ev = orjson.loads(m.value())
             while True:
                 try:
                     p.produce(out, orjson.dumps({"event_id": ev["event_id"]}), m.key())
@@ -335,7 +391,7 @@ def latency(bs: str, rate: float, seconds: float, n_users: int) -> dict[str, Any
                 if t == topic:
                     store[m.offset()] = m.timestamp()[1]  # type: ignore[index]
                 else:
-                    store[orjson.loads(m.value())["offset"]] = m.timestamp()[1]  # type: ignore[arg-type]
+                    store[orjson.loads(m.value())["offset"]] = m.timestamp()[1]
     c.close()
     worker_log.seek(0)
     slow_lines = [ln.strip() for ln in worker_log if "slow" in ln or "WARNING" in ln]
@@ -498,8 +554,9 @@ def main() -> int:
                 before = floors(preset, decoded, features)
                 rl = riverline(bs, topic, extra, f"{preset} {guarantee} {features}")
                 after = floors(preset, decoded, features)
-                for i, key in enumerate(("floor_online", "floor", "floor_cpu")):
-                    smp[key].append((before[i] + after[i]) / 2)
+                for i, key in enumerate(("floor_online", "floor")):  # mean time per event
+                    smp[key].append(2 / (1 / before[i] + 1 / after[i]))
+                smp["floor_cpu"].append((before[2] + after[2]) / 2)
                 smp["riverline"].append(rl["rate"])
                 smp["loop_cpu"].append(rl["loop_cpu_seconds"] / rl["messages"] * 1e6)
                 smp["wait"].append(rl["deploy_wait_seconds"])
@@ -553,6 +610,8 @@ def main() -> int:
         )
         if alos_default is not None:
             results["checkpoint"] = {"cost_pct": alos_default["checkpoint_pct"]}
+        results["feature_costs"] = feature_costs(raws, args.rounds)
+        log(f"feature costs: {results['feature_costs']}")
         alos = [r for r in rows if r["guarantee"] == "at-least-once" and r["features"] == "default"]
         max_rate = alos[0]["riverline"] if alos else 10_000.0
         results["latency"] = latency(bs, max_rate / 2, args.latency_seconds, args.users)
@@ -612,6 +671,18 @@ def render(r: dict[str, Any]) -> str:
         lines.append(
             "Peer (Quix Streams, same online model, no validation, no baseline, no drift "
             "detection): " + ", ".join(f"{k} {v:,.0f}/s" for k, v in peers.items()) + "."
+        )
+    costs = r.get("feature_costs")
+    if costs:
+        none = costs["none"]
+        lines.append(
+            "\nriverline's per-event path (decode, predict-learn, encode) with a constant "
+            "model, in process, CPU per event (best of the rounds): "
+            + "; ".join(
+                f"{k} {v:.2f} µs" + (f" (+{v - none:.2f})" if k != "none" else "")
+                for k, v in costs.items()
+            )
+            + "."
         )
     cp = r.get("checkpoint")
     if cp:

@@ -25,20 +25,16 @@ dead member to leave the group. No wait in this file is unbounded.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import random
-import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +51,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from tests.integration.processes import REPO, WorkerProcess, killed_at_exit, worker_env
 from worker.broker import LocalBroker, free_port
 from worker.config import settings_from_mapping
 from worker.events import features_of
@@ -67,7 +64,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TopicFactory = Callable[..., str]
 
-REPO = Path(__file__).resolve().parents[2]
 SNAPSHOT_KEY = "riverline-durability-key-0123456789abcdef"
 SPEC, SEED = "logreg", 0
 DEADLINE = 60.0  # seconds; no single wait in this file is longer (except the broker's start)
@@ -210,117 +206,30 @@ class PacedProducer:
 
 
 # -- worker processes ----------------------------------------------------------------------
-def _env(key: str = SNAPSHOT_KEY) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("RIVERLINE_") and k != "KAFKA_BOOTSTRAP_SERVERS"
-    }
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["RIVERLINE_SNAPSHOT_KEY"] = key
-    env.update(GROUP_ENV)
-    return env
-
-
-class WorkerProc:
-    """``python -m worker run ...``; its stderr (the log) goes to a file."""
-
-    def __init__(self, run: Run, log: Path, *extra: str, key: str = SNAPSHOT_KEY) -> None:
-        self.log = log
-        args = [
-            sys.executable,
-            "-m",
-            "worker",
-            "run",
-            "--bootstrap-servers",
-            run.bootstrap,
-            "--input-topic",
-            run.input,
-            "--output-topic",
-            run.output,
-            "--dead-letter-topic",
-            run.dlq,
-            "--state-topic",
-            run.state,
-            "--group-id",
-            run.group,
-            "--model",
-            SPEC,
-            "--seed",
-            str(SEED),
-            "--metrics-address",
-            "off",
-            *extra,
-        ]
-        self.started = time.monotonic()
-        with log.open("wb") as err:
-            self.proc = subprocess.Popen(
-                args,
-                cwd=REPO,
-                env=_env(key),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-
-    @property
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def tail(self, lines: int = 25) -> str:
-        return "\n".join(self.text.splitlines()[-lines:])
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(
-                f"worker pid {self.proc.pid} did not exit within {timeout:.0f}s; log:\n{self.tail()}"
-            ) from None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-
-    def terminate(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-
-    def assigned(self) -> set[int]:
-        """Every partition this worker logged as assigned."""
-        got: set[int] = set()
-        for m in re.finditer(r"assigned partitions \[([\d, ]*)\]", self.text):
-            got.update(int(p) for p in m.group(1).split(",") if p.strip())
-        return got
-
-    def assignments(self) -> int:
-        return len(re.findall(r"assigned partitions \[", self.text))
-
-    def wait_log(self, cond: Callable[[WorkerProc], bool], what: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond(self):
-            assert self.alive(), f"the worker exited before {what}; log:\n{self.tail()}"
-            assert time.monotonic() < deadline, (
-                f"timed out after {timeout:.0f}s waiting for {what}; log:\n{self.tail()}"
-            )
-            time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def _workers() -> Iterator[list[WorkerProc]]:
-    procs: list[WorkerProc] = []
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            p.kill()
+def _worker(run: Run, log: Path, *extra: str, key: str = SNAPSHOT_KEY) -> WorkerProcess:
+    """``riverline run`` on the run's topics and group, with the short session timeout."""
+    args = [
+        "--bootstrap-servers",
+        run.bootstrap,
+        "--input-topic",
+        run.input,
+        "--output-topic",
+        run.output,
+        "--dead-letter-topic",
+        run.dlq,
+        "--state-topic",
+        run.state,
+        "--group-id",
+        run.group,
+        "--model",
+        SPEC,
+        "--seed",
+        str(SEED),
+        "--metrics-address",
+        "off",
+        *extra,
+    ]
+    return WorkerProcess(log, args, worker_env(key, **GROUP_ENV))
 
 
 # -- reading topics --------------------------------------------------------------------------
@@ -408,7 +317,7 @@ class Tail:
             if self.poll(0.1):
                 last = time.monotonic()
 
-    def wait_beyond(self, count: int, proc: WorkerProc, what: str, timeout: float) -> float:
+    def wait_beyond(self, count: int, proc: WorkerProcess, what: str, timeout: float) -> float:
         """Poll until more than ``count`` records were seen; return when that happened."""
         deadline = time.monotonic() + timeout
         while self.count <= count:
@@ -627,7 +536,7 @@ class KillReport:
 
 
 def _freeze_inside_checkpoint(
-    run: Run, proc: WorkerProc, state_tail: Tail, since: dict[int, int], timeout: float = 20.0
+    run: Run, proc: WorkerProcess, state_tail: Tail, since: dict[int, int], timeout: float = 20.0
 ) -> list[str]:
     """Stop the worker (SIGSTOP) the moment a new snapshot record appears; keep it stopped
     if it froze inside a checkpoint, else let it go on (SIGCONT) and try the next one.
@@ -673,7 +582,7 @@ def _kill_cycle(
             out_tail.drain()
             state_tail.drain()
             since = _state_ends(run)
-            proc = WorkerProc(run, tmp_path / f"run-{report.kills}.log", *CHECKPOINTS, *extra)
+            proc = _worker(run, tmp_path / f"run-{report.kills}.log", *CHECKPOINTS, *extra)
             try:
                 first = out_tail.wait_beyond(
                     out_tail.count, proc, "a new prediction after the restart", DEADLINE
@@ -699,7 +608,7 @@ def _kill_cycle(
 
 
 def _finish(run: Run, tmp_path: Path, extra: list[str], timeout: float = 120.0) -> float:
-    proc = WorkerProc(run, tmp_path / "final.log", *CHECKPOINTS, *extra, "--exit-when-idle", "3")
+    proc = _worker(run, tmp_path / "final.log", *CHECKPOINTS, *extra, "--exit-when-idle", "3")
     rc = proc.wait(timeout)
     assert rc == 0, f"the final run exited with {rc}; log:\n{proc.tail()}"
     return time.monotonic() - proc.started
@@ -764,16 +673,16 @@ def test_rebalances_join_leave_and_kill_neither_skip_nor_repeat_learning(
     producer.start()
     timeline = []
     try:
-        with _workers() as procs:
+        with killed_at_exit() as procs:
             tail = Tail(run.bootstrap, run.output)
             try:
-                a = WorkerProc(run, tmp_path / "a.log", *CHECKPOINTS, "--instance-id", "a")
+                a = _worker(run, tmp_path / "a.log", *CHECKPOINTS, "--instance-id", "a")
                 procs.append(a)
                 tail.wait_beyond(0, a, "A's first prediction", DEADLINE)
                 a.wait_log(lambda w: w.assigned() == {0, 1, 2, 3}, "A owning 4 partitions", 10)
                 time.sleep(rng.uniform(0.5, 1.5))
 
-                b = WorkerProc(run, tmp_path / "b.log", *CHECKPOINTS, "--instance-id", "b")
+                b = _worker(run, tmp_path / "b.log", *CHECKPOINTS, "--instance-id", "b")
                 procs.append(b)
                 b.wait_log(lambda w: bool(w.assigned()), "B's first partitions", DEADLINE)
                 timeline.append(f"B joined: took {sorted(b.assigned())}")
@@ -788,7 +697,7 @@ def test_rebalances_join_leave_and_kill_neither_skip_nor_repeat_learning(
                 n = tail.count
                 tail.wait_beyond(n + 200, b, "predictions after A left", DEADLINE)
 
-                c = WorkerProc(
+                c = _worker(
                     run, tmp_path / "c.log", *CHECKPOINTS, "--instance-id", "c",
                     "--exit-when-idle", "3",
                 )  # fmt: skip
@@ -860,7 +769,7 @@ def test_tampered_snapshots_are_refused_and_never_unpickled(
     first = _events(2000, seed=13, prefix="tamper-")
     _send(producer, run.input, first)
     assert producer.flush(30) == 0
-    proc = WorkerProc(run, tmp_path / "normal.log", *CHECKPOINTS, "--exit-when-idle", "2")
+    proc = _worker(run, tmp_path / "normal.log", *CHECKPOINTS, "--exit-when-idle", "2")
     assert proc.wait(DEADLINE) == 0, proc.tail()
 
     tail = _state_tails(run, committed=True)[0]
@@ -898,7 +807,7 @@ def test_tampered_snapshots_are_refused_and_never_unpickled(
         _produce_state(run, records, sp)
         with pytest.raises(SnapshotError, match="failed verification"):
             run.store().read_latest(0)
-        proc = WorkerProc(run, tmp_path / f"tampered-{i}.log", "--exit-when-idle", "2")
+        proc = _worker(run, tmp_path / f"tampered-{i}.log", "--exit-when-idle", "2")
         rc = proc.wait(DEADLINE)
         text = proc.text
         assert rc == 1, f"{what}: exit code {rc}, want 1; log:\n{proc.tail()}"
@@ -988,7 +897,7 @@ def _libs_dir() -> Path:
     return state / "libs"
 
 
-def _worker_lines(proc: WorkerProc, n: int = 8) -> str:
+def _worker_lines(proc: WorkerProcess, n: int = 8) -> str:
     """The worker's own log lines (not librdkafka's connection errors)."""
     lines = [ln for ln in proc.text.splitlines() if " librdkafka: " not in ln]
     return "\n".join(lines[-n:])
@@ -1044,9 +953,9 @@ def test_the_worker_rides_out_a_broker_restart(tmp_path: Path) -> None:
         events = _events(8000, seed=9, prefix="outage-")
         producer = PacedProducer(bootstrap, clicks, events, initial=1000, rate=400, **QUIET)
         producer.start()
-        with _workers() as procs:
-            w = WorkerProc(run, tmp_path / "w.log", *CHECKPOINTS, "--exit-when-idle", "30")
-            short = WorkerProc(
+        with killed_at_exit() as procs:
+            w = _worker(run, tmp_path / "w.log", *CHECKPOINTS, "--exit-when-idle", "30")
+            short = _worker(
                 runs["short"], tmp_path / "short.log", *CHECKPOINTS, "--exit-when-idle", "4"
             )
             procs += [w, short]

@@ -15,16 +15,14 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ from confluent_kafka import (
 from prometheus_client.parser import text_string_to_metric_families
 from river import metrics, utils
 
+from tests.integration.processes import REPO, WorkerProcess, killed_at_exit, worker_env
 from worker.broker import free_port
 from worker.config import Settings, settings_from_mapping
 from worker.events import REASONS, features_of
@@ -56,7 +55,6 @@ pytestmark = pytest.mark.integration
 TopicFactory = Callable[..., str]
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]
 
-REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO / "schemas"
 DEADLINE = 60.0  # seconds: the bound on a wait (restarts that replay a stream get 90)
 IDLE = 2.0  # --exit-when-idle of the in-process runs
@@ -601,28 +599,11 @@ def test_a_message_too_large_to_republish_is_dead_lettered_without_a_crash(
 
 
 # -- c. SIGTERM mid-stream ------------------------------------------------------------------
-def _env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("RIVERLINE_") and k != "KAFKA_BOOTSTRAP_SERVERS"
-    }
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["RIVERLINE_SNAPSHOT_KEY"] = SNAPSHOT_KEY
-    return env
-
-
-class WorkerProcess:
-    """``python -m worker run ...`` with its log in a file."""
-
-    def __init__(self, log: Path, bootstrap: str, topics: Topics, *args: str):
-        self.log = log
-        self.args = [
-            sys.executable,
-            "-m",
-            "worker",
-            "run",
+def _worker_process(log: Path, bootstrap: str, topics: Topics, *args: str) -> WorkerProcess:
+    """``riverline run`` on the test's topics (created by the test), logging to ``log``."""
+    return WorkerProcess(
+        log,
+        [
             "--bootstrap-servers",
             bootstrap,
             "--input-topic",
@@ -636,47 +617,9 @@ class WorkerProcess:
             "--create-topics",
             "false",
             *args,
-        ]
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                self.args, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT
-            )
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.log.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(
-                f"worker pid {self.proc.pid} did not exit within {timeout:.0f}s; log:\n{self.tail()}"
-            ) from None
-
-    def terminate(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-@contextlib.contextmanager
-def _processes() -> Iterator[list[WorkerProcess]]:
-    procs: list[WorkerProcess] = []
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            p.kill()
+        ],
+        worker_env(SNAPSHOT_KEY),
+    )
 
 
 def _wait_for_records(bootstrap: str, topic: str, proc: WorkerProcess, n: int = 1) -> None:
@@ -709,8 +652,8 @@ def test_sigterm_mid_stream_commits_what_was_published_and_a_restart_resumes(
     if guarantee == "exactly-once":  # predictions become visible at each commit
         common += ["--commit-interval", "0.5"]
 
-    with _processes() as procs:
-        first = WorkerProcess(tmp_path / "first.log", kafka_bootstrap, topics, *common)
+    with killed_at_exit() as procs:
+        first = _worker_process(tmp_path / "first.log", kafka_bootstrap, topics, *common)
         procs.append(first)
         _wait_for_records(kafka_bootstrap, topics[1], first)
         first.terminate()
@@ -727,7 +670,7 @@ def test_sigterm_mid_stream_commits_what_was_published_and_a_restart_resumes(
         # The checkpoint covers exactly what was published: no loss, no replay.
         assert _committed(kafka_bootstrap, group, topics[0], 1) == [n]
 
-        second = WorkerProcess(
+        second = _worker_process(
             tmp_path / "second.log", kafka_bootstrap, topics, *common, "--exit-when-idle", "3"
         )
         procs.append(second)
@@ -796,10 +739,10 @@ def test_two_workers_share_a_group_each_partition_learned_by_one(
     def rebalances(samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str, float]:
         return {labels["kind"]: v for labels, v in samples["riverline_rebalances_total"]}
 
-    with _processes() as procs:
+    with killed_at_exit() as procs:
         for i, port in enumerate(ports):
             procs.append(
-                WorkerProcess(
+                _worker_process(
                     tmp_path / f"worker{i}.log",
                     kafka_bootstrap,
                     topics,

@@ -17,10 +17,11 @@ from typing import Any
 
 from river import drift
 
+import worker.learner as learner_module
 from tests.helpers import assert_same_scores
 from worker.baseline import BatchBaseline
 from worker.drift import ConceptDrift, DataDrift, _Feature, psi
-from worker.learner import LearnerOptions, PartitionLearner
+from worker.learner import FOLD_PAIRS, LearnerOptions, PartitionLearner
 from worker.models import DEFAULT_CROSSES, FLOAT_LIMIT, ClickTokens, make_model
 from worker.scoring import PrequentialScores
 from worker.simulate import SimulationConfig, generate
@@ -184,6 +185,34 @@ def test_learner_scores_equal_scoring_each_event() -> None:
     assert_same_scores(learner.scores.rolling(), online.rolling())
     assert_same_scores(learner.batch_scores.cumulative(), batch.cumulative())
     assert batch.labelled > 1000
+
+
+def test_scores_fold_every_fold_pairs_or_half_a_second(monkeypatch: Any) -> None:
+    """end_batch(force=False) folds once FOLD_PAIRS pairs wait or 0.5 s passed, not per
+    poll batch; end_batch() always folds; a fold loses no pair."""
+    clock = [1000.0]
+    monkeypatch.setattr(learner_module.time, "monotonic", lambda: clock[0])
+    learner = PartitionLearner("t", 0, make_model("logreg"))
+    learner.end_batch()  # the clock of the last fold starts now
+    events = [
+        ev for ev in _events(FOLD_PAIRS + 600, scenario="none") if ev.get("clicked") is not None
+    ]
+    for i, ev in enumerate(events[: FOLD_PAIRS - 1]):
+        learner.predict_learn(ev, i)
+        learner.end_batch(force=False)
+    assert learner.scores.labelled == 0  # pending: fewer than FOLD_PAIRS, no time passed
+    learner.predict_learn(events[FOLD_PAIRS - 1], FOLD_PAIRS - 1)
+    learner.end_batch(force=False)
+    assert learner.scores.labelled == FOLD_PAIRS
+    learner.predict_learn(events[FOLD_PAIRS], FOLD_PAIRS)
+    learner.end_batch(force=False)
+    assert learner.scores.labelled == FOLD_PAIRS
+    clock[0] += 0.5
+    learner.end_batch(force=False)
+    assert learner.scores.labelled == FOLD_PAIRS + 1
+    learner.predict_learn(events[FOLD_PAIRS + 1], FOLD_PAIRS + 1)
+    learner.end_batch()
+    assert learner.scores.labelled == FOLD_PAIRS + 2
 
 
 # -- the baseline's fit in the background ---------------------------------------------------------
