@@ -264,6 +264,29 @@ def test_background_fit_deploys_at_its_fixed_event_however_long_it_takes(monkeyp
     assert run(BatchBaseline(window=window, deploy_delay=delay)) == quick
 
 
+def test_rows_sent_to_the_fit_process_as_msgpack_fit_the_same_model() -> None:
+    """The window travels as msgpack: str, int, float and bool values and key order come
+    back as they were, so the fit is the one on the rows themselves."""
+    import msgspec
+
+    from worker.baseline import _fit, _fit_packed
+
+    rows = []
+    for i, ev in enumerate(_events(1500, seed=9)):
+        x = {**_x(ev), "score": (i % 17) / 7, "promoted": i % 3 == 0, "big": 2**62 + i}
+        rows.append((x, bool(ev["clicked"])))
+    packed = msgspec.msgpack.encode(rows)
+    assert [(x, y) for x, y in msgspec.msgpack.decode(packed)] == rows
+    assert [[type(v) for v in x.values()] for x, _ in msgspec.msgpack.decode(packed)] == [
+        [type(v) for v in x.values()] for x, _ in rows
+    ]
+    tokens = ClickTokens(crosses=DEFAULT_CROSSES)
+    coef, intercept, _ = _fit_packed(packed, tokens, 1.0, 200)
+    want_coef, want_intercept, _ = _fit(rows, tokens, 1.0, 200)
+    assert (coef, intercept) == (want_coef, want_intercept)
+    assert any(name == "promoted" for name, _ in coef) and ("score", None) in coef
+
+
 def test_a_snapshot_taken_while_the_baseline_trains_restores_exactly() -> None:
     events = _events(3000, seed=5)
     opts = LearnerOptions(baseline_window=1000, baseline_deploy_delay=700)
