@@ -374,9 +374,28 @@ class Worker:
             return False
         try:
             self.consumer.list_topics(self.settings.input_topic, timeout=5.0)
+            for lr in list(self.stats.learners.values()):
+                if lr.next_offset is None and self._unread(lr.topic, lr.partition):
+                    return False
         except KafkaException:
             return False
         return True
+
+    def _unread(self, topic: str, partition: int) -> bool:
+        """Does a partition this worker has not read from yet hold events past where it
+        starts? (After a broker outage the fetcher may still be in its reconnect backoff
+        while the broker already answers: silence then is not the end of the input.)
+        Errs on the side of going on: a partition whose last record is a transaction
+        marker counts as unread until an event arrives."""
+        assert self.consumer is not None
+        tp = TopicPartition(topic, partition)
+        low, high = self.consumer.get_watermark_offsets(tp, timeout=5.0)
+        (committed,) = self.consumer.committed([tp], timeout=5.0)
+        if committed.offset >= 0:
+            start = committed.offset
+        else:
+            start = high if self.settings.auto_offset_reset == "latest" else low
+        return bool(start < high)
 
     def _refresh_lag(self) -> None:
         assert self.consumer is not None
