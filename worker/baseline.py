@@ -93,8 +93,7 @@ class BatchBaseline:
         self.trained_at_labelled = 0  # labelled count at the last training's start
         self.last_training_seconds = 0.0
         self.max_training_seconds = 0.0
-        self.last_deploy_wait_seconds = 0.0  # how long the loop waited for a fit
-        self.deploy_wait_seconds = 0.0  # the same, over every deploy
+        self.deploy_wait_seconds = 0.0  # how long the loop waited for fits, in all
         self.retrain_requested = False
         self._index()
 
@@ -102,7 +101,6 @@ class BatchBaseline:
     deploy_delay = 0
     keep_window = True
     _collecting = True  # the window still takes labelled events
-    last_deploy_wait_seconds = 0.0
     deploy_wait_seconds = 0.0
     # A training in progress: (the window's rows, the labelled count to deploy at).
     _job: tuple[list[tuple[dict[str, Any], bool]], int] | None = None
@@ -254,8 +252,7 @@ class BatchBaseline:
         else:
             waited = time.perf_counter()
             fit = _fit_result(future, self._job[0], self.tokens, self.c, self.max_iter)
-            self.last_deploy_wait_seconds = time.perf_counter() - waited
-            self.deploy_wait_seconds += self.last_deploy_wait_seconds
+            self.deploy_wait_seconds += time.perf_counter() - waited
         self.coef, self.intercept, seconds = fit
         self._job = None
         self._future = None

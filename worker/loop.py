@@ -80,11 +80,6 @@ class Worker:
         )
         self.eos = settings.guarantee == "exactly-once"
         self.learner_options = settings.learner_options()
-        if self.learner_options.baseline_window and not self.learner_options.baseline_deploy_delay:
-            # Fits run in this process: import now, not inside the first training. (With a
-            # deploy delay they run in the fit process, and this one needs scikit-learn
-            # only if that process dies.)
-            import sklearn.linear_model  # noqa: F401
         self.store = SnapshotStore(
             common_config(settings),
             settings.group_id,
