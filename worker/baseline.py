@@ -43,18 +43,17 @@ In the background, deploying two labelled events after the window closed:
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
 import time
 from collections import deque
-from concurrent.futures import Executor, Future
-from concurrent.futures.process import BrokenProcessPool as BrokenExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import msgspec
 
-from worker.models import DEFAULT_CROSSES, FLOAT_LIMIT, ClickTokens
+from worker import batchfit
+from worker.tokens import DEFAULT_CROSSES, FLOAT_LIMIT, ClickTokens
 
 log = logging.getLogger(__name__)
 _NONE: dict[Any, float] = {}  # the weights of a field the window never saw
@@ -104,7 +103,7 @@ class BatchBaseline:
     deploy_wait_seconds = 0.0
     # A training in progress: (the window's rows, the labelled count to deploy at).
     _job: tuple[list[tuple[dict[str, Any], bool]], int] | None = None
-    _future: Future[tuple[dict[tuple[str, Any], float], float, float]] | None = None
+    _future: Future[batchfit.Fit] | None = None
     _due_at = 0  # labelled count at which observe() must look closer
     _fields: dict[str, dict[Any, float]] | None = None
     _numeric: dict[str, float] = {}
@@ -145,7 +144,7 @@ class BatchBaseline:
     def predict(self, x: dict[str, Any]) -> float | None:
         """Probability of a click, or None before the first training.
 
-        The same tokens as :meth:`_features`, computed inline: this runs per event.
+        The same tokens as :func:`worker.batchfit.token_features`, computed inline: this runs per event.
         """
         fields = self._fields
         if fields is None:
@@ -235,8 +234,8 @@ class BatchBaseline:
             # pickling them (on the fit process's writer thread) held the GIL, and so
             # stalled the loop, for ~20 ms.
             packed = msgspec.msgpack.encode(rows)
-            self._future = fit_executor().submit(
-                _fit_packed, packed, self.tokens, self.c, self.max_iter
+            self._future = batchfit.fit_executor().submit(
+                batchfit.fit_packed, packed, self.tokens, self.c, self.max_iter
             )
 
     def _deploy(self) -> None:
@@ -248,10 +247,10 @@ class BatchBaseline:
             self._submit()
             future = self._future
         if future is None:
-            fit = _fit(self._job[0], self.tokens, self.c, self.max_iter)
+            fit = batchfit.fit(self._job[0], self.tokens, self.c, self.max_iter)
         else:
             waited = time.perf_counter()
-            fit = _fit_result(future, self._job[0], self.tokens, self.c, self.max_iter)
+            fit = batchfit.fit_result(future, self._job[0], self.tokens, self.c, self.max_iter)
             self.deploy_wait_seconds += time.perf_counter() - waited
         self.coef, self.intercept, seconds = fit
         self._job = None
@@ -266,110 +265,3 @@ class BatchBaseline:
         for derived in ("_fields", "_numeric", "_crosses", "_due_at"):
             state.pop(derived, None)  # rebuilt from coef by _index()
         return state
-
-
-def _fit(
-    rows: list[tuple[dict[str, Any], bool]], tokens: ClickTokens, c: float, max_iter: int
-) -> tuple[dict[tuple[str, Any], float], float, float]:
-    """Full-batch logistic regression on one-hot tokens: (coef, intercept, seconds).
-
-    A pure function of its arguments, so a fit run again after a restore gives the same
-    model, on whichever thread it runs.
-    """
-    import numpy as np
-    from scipy.sparse import csr_matrix
-    from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
-
-    started = time.perf_counter()
-    vocab: dict[tuple[str, Any], int] = {}
-    indptr = [0]
-    indices: list[int] = []
-    data: list[float] = []
-    labels = []
-    for x, y in rows:
-        for key, v in _features(tokens, x):
-            indices.append(vocab.setdefault(key, len(vocab)))
-            data.append(v)
-        indptr.append(len(indices))
-        labels.append(y)
-    if len(set(labels)) < 2:
-        # One class only: a constant model at the observed rate.
-        rate = min(max(float(np.mean(labels)), 1e-6), 1 - 1e-6)
-        return {}, math.log(rate / (1 - rate)), time.perf_counter() - started
-    matrix = csr_matrix(
-        (np.asarray(data), np.asarray(indices), np.asarray(indptr)),
-        shape=(len(labels), max(1, len(vocab))),
-    )
-    model = LogisticRegression(C=c, max_iter=max_iter, solver="lbfgs")
-    # One BLAS thread: a fit must not take both cores from the loop and the broker.
-    with threadpool_limits(limits=1):
-        model.fit(matrix, np.asarray(labels, dtype=bool))
-    weights = model.coef_[0]
-    coef = {k: float(weights[i]) for k, i in vocab.items() if weights[i] != 0.0}
-    return coef, float(model.intercept_[0]), time.perf_counter() - started
-
-
-def _fit_packed(
-    packed: bytes, tokens: ClickTokens, c: float, max_iter: int
-) -> tuple[dict[tuple[str, Any], float], float, float]:
-    """:func:`_fit` on rows encoded with msgpack (which keeps str, int, float, bool and key
-    order, so the rows and the model are the same)."""
-    return _fit(msgspec.msgpack.decode(packed), tokens, c, max_iter)
-
-
-def _features(tokens: ClickTokens, x: dict[str, Any]) -> list[tuple[tuple[str, Any], float]]:
-    out: list[tuple[tuple[str, Any], float]] = []
-    for k, v in tokens.transform_one(x).items():
-        if isinstance(v, str | bool):
-            out.append(((k, v), 1.0))
-        else:
-            out.append(((k, None), float(v)))
-    return out
-
-
-_EXECUTOR: list[Executor] = []
-
-
-def fit_executor() -> Executor:
-    """One background process fits every partition's baseline, one after another.
-
-    A process, not a thread: on a thread the fit shared the GIL with the loop and halved
-    its speed while it ran (p99 latency 250 ms at 15,000 events/s on this machine). The
-    process (:mod:`worker.fitproc`) runs at the lowest CPU priority with one BLAS
-    thread, so the loop, librdkafka and a broker on the same host go first.
-    """
-    if not _EXECUTOR:
-        from worker.fitproc import FitProcess
-
-        _EXECUTOR.append(FitProcess())
-        atexit.register(_EXECUTOR[0].shutdown)
-    return _EXECUTOR[0]
-
-
-def start_fit_process() -> None:
-    """Start the fit process now (it imports scikit-learn, about a second), not at the
-    first fit."""
-    fit_executor().submit(_warm_up)
-
-
-def _warm_up() -> None:
-    import scipy.sparse  # noqa: F401
-    import sklearn.linear_model  # noqa: F401
-
-
-def _fit_result(
-    future: Future[tuple[dict[tuple[str, Any], float], float, float]],
-    rows: list[tuple[dict[str, Any], bool]],
-    tokens: ClickTokens,
-    c: float,
-    max_iter: int,
-) -> tuple[dict[tuple[str, Any], float], float, float]:
-    """The background fit's result; if its process died (killed, out of memory), fit
-    here instead — the same rows give the same model — and start a new process."""
-    try:
-        return future.result()
-    except BrokenExecutor as exc:
-        log.warning("the baseline's fit process failed (%s); fitting in the loop instead", exc)
-        _EXECUTOR.clear()
-        return _fit(rows, tokens, c, max_iter)

@@ -93,10 +93,17 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from worker.config import settings_from_mapping
+
+    settings = settings_from_mapping(vars(args))
+    if settings.baseline_window and settings.baseline_deploy_delay:
+        from worker.batchfit import start_fit_process
+
+        # First, so that the fit process imports what it needs while this one imports
+        # River and joins the group: then the loop never waits for the first fit.
+        start_fit_process()
     from worker.loop import Worker
     from worker.metrics import MetricsServer
 
-    settings = settings_from_mapping(vars(args))
     worker = Worker(settings)
     log.info("effective configuration: %s", settings.masked())
     server = None

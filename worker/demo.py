@@ -22,8 +22,6 @@ from typing import TextIO
 from worker.broker import DEFAULT_PORT, LocalBroker, free_port, port_in_use
 from worker.config import settings_from_mapping
 from worker.feed import ensure_topic, publish
-from worker.loop import Worker
-from worker.metrics import MetricsServer
 from worker.simulate import SimulationConfig, generate
 
 log = logging.getLogger(__name__)
@@ -64,6 +62,11 @@ def _fmt(value: float) -> str:
 
 
 def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
+    # River is imported here, not with the module: `riverline run` builds this command's
+    # parser too, and must not wait for it (see worker.cli._cmd_run).
+    from worker.loop import Worker
+    from worker.metrics import MetricsServer
+
     # The live view replaces the per-event warnings (dead letters are counted on screen).
     logging.getLogger("worker").setLevel(logging.ERROR)
     bootstrap = _bootstrap(opts, out)

@@ -40,7 +40,7 @@ from confluent_kafka import (
 )
 
 from worker import __version__
-from worker.baseline import start_fit_process
+from worker.batchfit import start_fit_process
 from worker.config import Settings
 from worker.errors import RiverlineError
 from worker.events import MODEL_ERROR, EventCodec, InvalidEvent, encode_prediction
@@ -102,6 +102,7 @@ class Worker:
         self._poisoned: dict[tuple[int, int], str] = {}
         self._assigned_at = 0.0
         self._lost_at = 0.0
+        self._dropped_deploy_wait = 0.0  # deploy waits of partitions no longer ours
         self._error_logged: dict[int, float] = {}
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
@@ -125,7 +126,8 @@ class Worker:
             # costs, apart from time this thread waited or was preempted.
             "loop_cpu_seconds": st.last_batch_cpu - st.first_batch_cpu,
             # Time the loop waited for a background fit at a batch model's deploy point.
-            "deploy_wait_seconds": sum(
+            "deploy_wait_seconds": self._dropped_deploy_wait
+            + sum(
                 lr.baseline.deploy_wait_seconds
                 for lr in st.learners.values()
                 if lr.baseline is not None
@@ -650,12 +652,19 @@ class Worker:
                 self._checkpoint()  # before the partitions are released
             finally:
                 for p in revoked:
-                    self.stats.learners.pop(p, None)
-                    self._committed.pop(p, None)
-                    self.store.forget(p)
+                    self._drop(p)
                 consumer.incremental_unassign(partitions)
             log.info("revoked partitions %s", sorted(revoked))
         self.stats.rebalances["revoked"] += len(revoked)
+
+    def _drop(self, partition: int) -> None:
+        """Forget a partition that is no longer ours (revoked or lost)."""
+        learner = self.stats.learners.pop(partition, None)
+        if learner is not None and learner.baseline is not None:
+            # Kept for the run's report, which is read after the last revocation.
+            self._dropped_deploy_wait += learner.baseline.deploy_wait_seconds
+        self._committed.pop(partition, None)
+        self.store.forget(partition)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._lost_at = time.monotonic()
@@ -663,9 +672,7 @@ class Worker:
         if self.eos and self._in_txn:
             self._abort_and_rewind("partitions lost")
         for tp in partitions:
-            self.stats.learners.pop(tp.partition, None)
-            self._committed.pop(tp.partition, None)
-            self.store.forget(tp.partition)
+            self._drop(tp.partition)
         if partitions:
             consumer.incremental_unassign(partitions)
         self.stats.rebalances["lost"] += len(partitions)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import importlib
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from river import base, compose, facto, linear_model, optim, preprocessing
+from river import compose, facto, linear_model, optim, preprocessing
 
 from worker.errors import ConfigError
+from worker.tokens import DEFAULT_CROSSES, ClickTokens
 
 # A River binary classifier (a Pipeline is one, though not by static type).
 Model = Any
@@ -35,53 +36,6 @@ SAMPLE_X: dict[str, Any] = {
     "score": 0.5,
     "returning": True,
 }
-
-
-FLOAT_LIMIT = 1e6  # numeric features are clipped to [-FLOAT_LIMIT, FLOAT_LIMIT]
-
-
-class ClickTokens(base.Transformer):
-    """Turn a click event's ``x`` into hashable tokens and add crossed features.
-
-    Integers (position, hour) are categories in click data, so they become tokens;
-    floats stay numeric. ``crosses`` name pairs of fields whose combination is a feature
-    of its own: ``("user_id", "category")`` learns each user's taste per category.
-
-    >>> t = ClickTokens(crosses=(("user_id", "category"),))
-    >>> t.transform_one({"user_id": "u1", "category": "news", "position": 3, "score": 0.5})
-    ... # doctest: +NORMALIZE_WHITESPACE
-    {'user_id': 'u1', 'category': 'news', 'position': '3', 'score': 0.5,
-     'user_id*category': 'u1|news'}
-    """
-
-    def __init__(self, crosses: Sequence[tuple[str, str]] = ()) -> None:
-        # A list: River's clone() mistakes an empty tuple parameter for a (class, params)
-        # pair and raises IndexError (the fm preset has no crosses).
-        self.crosses = [tuple(c) for c in crosses]
-
-    def transform_one(self, x: dict[Any, Any]) -> dict[Any, Any]:
-        out: dict[Any, Any] = {}
-        for k, v in x.items():
-            t = type(v)
-            if t is int:
-                out[k] = str(v)
-            elif t is float:
-                # The schema allows any finite double, but 1e300 overflows a model's
-                # update half-way (FM squares it) and leaves NaN in its weights.
-                out[k] = min(max(v, -FLOAT_LIMIT), FLOAT_LIMIT)
-            else:
-                out[k] = v
-        for a, b in self.crosses:
-            if a in x and b in x:
-                out[f"{a}*{b}"] = f"{x[a]}|{x[b]}"
-        return out
-
-
-DEFAULT_CROSSES: tuple[tuple[str, str], ...] = (
-    ("user_id", "category"),
-    ("user_id", "device"),
-    ("item_id", "position"),
-)
 
 
 def logreg(seed: int = 0, n_features: int = 2**20, lr: float = 0.05) -> Model:

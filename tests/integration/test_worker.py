@@ -373,6 +373,41 @@ def test_predictions_equal_a_bare_river_loop(
     assert cum.mean_prediction == pytest.approx(sum(p for _, p in pairs) / len(pairs), abs=1e-12)
 
 
+
+def test_the_batch_model_serves_from_its_fixed_event_and_the_report_counts_the_wait(
+    kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    """The batch baseline, fitted by the real fit process, serves from window + delay
+    labelled events on, whatever the fit took; a delay of one event makes the loop wait
+    for the fit there, and the run's report (read after the partition is revoked at
+    exit) counts that wait. It once read 0: the revoked learners took it with them."""
+    topics = _topics(new_topic)
+    events = _events(2500, seed=13)
+    window, delay = 500, 1
+    _produce(kafka_bootstrap, topics[0], map(_event_record, events))
+    run = WorkerThread(
+        _settings(
+            kafka_bootstrap,
+            topics,
+            baseline_window=window,
+            baseline_deploy_delay=delay,
+            drift_detector="off",
+        )
+    )
+    run.start().wait()
+    preds = [orjson.loads(m.value()) for m in _read_topic(kafka_bootstrap, topics[1], 2500)]
+    assert [p["event_id"] for p in preds] == [e["event_id"] for e in events]
+    labelled_before = 0  # labelled events before each event
+    for ev, pred in zip(events, preds, strict=True):
+        served = pred["batch_click_probability"] is not None
+        assert served == (labelled_before >= window + delay), (ev["event_id"], labelled_before)
+        labelled_before += ev["clicked"] is not None
+    baseline = run.only_learner().baseline
+    assert baseline is not None and baseline.trainings == 1
+    assert run.worker.stats.learners == {}  # revoked at exit
+    report = run.worker.report()
+    assert report["deploy_wait_seconds"] == baseline.deploy_wait_seconds > 0
+
 # -- b. dead letters ----------------------------------------------------------------------
 def _bad_records(topic_hint: str) -> list[tuple[str, Record]]:
     """(expected reason, record) for every way an input message can be unusable."""

@@ -22,9 +22,10 @@ from tests.helpers import assert_same_scores
 from worker.baseline import BatchBaseline
 from worker.drift import ConceptDrift, DataDrift, _Feature, psi
 from worker.learner import FOLD_PAIRS, LearnerOptions, PartitionLearner
-from worker.models import DEFAULT_CROSSES, FLOAT_LIMIT, ClickTokens, make_model
+from worker.models import make_model
 from worker.scoring import PrequentialScores
 from worker.simulate import SimulationConfig, generate
+from worker.tokens import DEFAULT_CROSSES, FLOAT_LIMIT, ClickTokens
 
 
 def _events(n: int, seed: int = 3, scenario: str = "abrupt") -> list[dict[str, Any]]:
@@ -221,7 +222,7 @@ def test_background_fit_deploys_at_its_fixed_event_however_long_it_takes(monkeyp
     model as a synchronous fit, whether the fit is quick or slower than the delay."""
     import time
 
-    import worker.baseline as baseline_module
+    from worker import batchfit
 
     events = [(_x(ev), bool(ev["clicked"])) for ev in _events(2400)]
     window, delay = 1000, 300
@@ -235,15 +236,15 @@ def test_background_fit_deploys_at_its_fixed_event_however_long_it_takes(monkeyp
 
     reference = run(BatchBaseline(window=window))  # fits at once, at event 1000
     quick = run(BatchBaseline(window=window, deploy_delay=delay))
-    fit = baseline_module._fit
+    fit = batchfit.fit
 
     def slow_fit(*args: Any) -> Any:
         time.sleep(0.3)
         return fit(*args)
 
     # (A thread here: the slow stand-in cannot be sent to the fit process.)
-    monkeypatch.setattr(baseline_module, "_fit", slow_fit)
-    monkeypatch.setattr(baseline_module, "fit_executor", lambda: ThreadPoolExecutor(1))
+    monkeypatch.setattr(batchfit, "fit", slow_fit)
+    monkeypatch.setattr(batchfit, "fit_executor", lambda: ThreadPoolExecutor(1))
     slow_baseline = BatchBaseline(window=window, deploy_delay=delay)
     slow = run(slow_baseline)
     assert slow == quick
@@ -259,8 +260,8 @@ def test_background_fit_deploys_at_its_fixed_event_however_long_it_takes(monkeyp
             future.set_exception(BrokenProcessPool("the fit process was killed"))
             return future
 
-    monkeypatch.setattr(baseline_module, "_fit", fit)
-    monkeypatch.setattr(baseline_module, "fit_executor", Killed)
+    monkeypatch.setattr(batchfit, "fit", fit)
+    monkeypatch.setattr(batchfit, "fit_executor", Killed)
     assert run(BatchBaseline(window=window, deploy_delay=delay)) == quick
 
 
@@ -269,7 +270,7 @@ def test_rows_sent_to_the_fit_process_as_msgpack_fit_the_same_model() -> None:
     back as they were, so the fit is the one on the rows themselves."""
     import msgspec
 
-    from worker.baseline import _fit, _fit_packed
+    from worker.batchfit import fit, fit_packed
 
     rows = []
     for i, ev in enumerate(_events(1500, seed=9)):
@@ -281,8 +282,8 @@ def test_rows_sent_to_the_fit_process_as_msgpack_fit_the_same_model() -> None:
         [type(v) for v in x.values()] for x, _ in rows
     ]
     tokens = ClickTokens(crosses=DEFAULT_CROSSES)
-    coef, intercept, _ = _fit_packed(packed, tokens, 1.0, 200)
-    want_coef, want_intercept, _ = _fit(rows, tokens, 1.0, 200)
+    coef, intercept, _ = fit_packed(packed, tokens, 1.0, 200)
+    want_coef, want_intercept, _ = fit(rows, tokens, 1.0, 200)
     assert (coef, intercept) == (want_coef, want_intercept)
     assert any(name == "promoted" for name, _ in coef) and ("score", None) in coef
 
