@@ -13,11 +13,12 @@ window, as a data scientist would train it offline.
 - Training starts and the new model deploys at deterministic points of the stream, so
   replays and restores give identical predictions. With ``deploy_delay=0`` the fit
   runs at once, pausing the loop (bounded by the window size; measured: see README,
-  "Online versus offline"). With ``deploy_delay=D`` it runs on a background thread
-  and the model takes over ``D`` labelled events later — as an offline model is
-  deployed some time after its data was collected — so the loop does not pause
-  unless the fit takes longer than those ``D`` events (then it waits there). A
-  snapshot taken meanwhile holds the training rows; a restore fits them again.
+  "Online versus offline"). With ``deploy_delay=D`` it runs in a background process
+  (:mod:`worker.batchfit`) and the model takes over ``D`` labelled events later — as
+  an offline model is deployed some time after its data was collected — so the loop
+  does not pause unless the fit takes longer than those ``D`` events (then it waits
+  there, and ``deploy_wait_seconds`` counts it). A snapshot taken meanwhile holds the
+  training rows; a restore fits them again.
 - Prediction does not use scikit-learn (per-row calls cost ~50 µs): the fitted
   coefficients are kept per field as value → weight dicts, so a prediction is one or
   two dict look-ups per field, with no token built but the crosses'. Tokens not seen

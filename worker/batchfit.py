@@ -1,10 +1,11 @@
 """The batch baseline's fit, and the background process that runs it.
 
-Everything here imports in a fraction of a second (numpy, ``river.base``; scikit-learn
-only inside a fit), so the fit process (:mod:`worker.fitproc`) is ready well before the
-worker's first batch: it used to import all of River and scikit-learn first (~2 s of CPU
-at the lowest priority), and at full speed the loop then waited ~0.45 s for the first
-model at its deploy point.
+This module imports only msgspec and ``river.base`` (numpy and scikit-learn inside a
+fit), so the fit process (:mod:`worker.fitproc`), which ``riverline run`` starts before
+it imports River itself, has scikit-learn loaded (about a second) by the time the worker
+reads its first event. It used to import all of River first, through
+``worker.baseline``: ~2 s of CPU at the lowest priority, and at full speed the loop then
+waited 0.23–0.45 s for the first model at its deploy point.
 """
 
 from __future__ import annotations
