@@ -48,7 +48,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from worker.baseline import BatchBaseline  # noqa: E402
 from worker.config import Settings  # noqa: E402
-from worker.events import features_of  # noqa: E402
+from worker.events import EventCodec  # noqa: E402
 from worker.feed import ensure_topic  # noqa: E402
 from worker.loop import tune_gc  # noqa: E402
 from worker.models import make_model  # noqa: E402
@@ -138,7 +138,7 @@ def feature_costs(raws: list[bytes], rounds: int) -> dict[str, float]:
     a constant model, in this process: with no feature, then each default feature alone,
     then all of them; every figure is the best of ``rounds``. The batch baseline is
     measured once deployed: its fit (in the background in the worker) is not counted."""
-    from worker.events import EventCodec, encode_prediction
+    from worker.events import encode_prediction
     from worker.learner import LearnerOptions, PartitionLearner
 
     codec = EventCodec.load()
@@ -518,7 +518,8 @@ def main() -> int:
         )
         raws = [orjson.dumps(e) for e in events]
         keys = [e["user_id"].encode() for e in events]
-        decoded = [(features_of(orjson.loads(r)), orjson.loads(r).get("clicked")) for r in raws]
+        events = map(EventCodec.load().decode, raws)
+        decoded = [(ev.x(), ev.clicked) for ev in events]
         topic = f"bench-in-{uuid.uuid4().hex[:6]}"
         ensure_topic(bs, topic, 1)
         produce(bs, topic, raws, keys)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from worker.learner import LearnerOptions, PartitionLearner
@@ -43,3 +45,18 @@ def assert_same_scores(mine: Scores, ref: Scores) -> None:
     )
     assert mine.log_loss == pytest.approx(ref.log_loss, rel=1e-12)
     assert mine.mean_prediction == pytest.approx(ref.mean_prediction, rel=1e-12)
+
+
+def features_of(event: dict[str, Any]) -> dict[str, Any]:
+    """The model input ``x`` of an event dict, built here independently of the worker's
+    :meth:`~worker.events.ClickEvent.x` (the tests' oracles use it; a test checks both
+    give the same dict, in the same key order).
+
+    >>> features_of({"user_id": "u1", "item_id": "i2", "features": {"device": "ios"}})
+    {'user_id': 'u1', 'item_id': 'i2', 'device': 'ios'}
+    """
+    x = {"user_id": event["user_id"], "item_id": event["item_id"]}
+    feats = event.get("features")
+    if feats:
+        x.update(feats)
+    return x

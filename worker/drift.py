@@ -202,11 +202,8 @@ class DataDrift:
         self.__dict__.update(state)
         if rows is not None:  # pickled by an older riverline, which kept the events
             self._pairs, self._labels, self._ps = Counter(), [0, 0], []
-            for x, y, p in rows:
-                _count_pairs(self._pairs, x.items())
-                if y is not None:
-                    self._labels[y] += 1
-                self._ps.append(p)
+            for x, y, p in rows:  # fewer than a block: add() closes none
+                self.add(x, y, p)
 
     def _close_block(self) -> None:
         pairs, self._pairs = self._pairs, Counter()

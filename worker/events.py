@@ -260,16 +260,3 @@ class EventCodec:
         if not self.validator.is_valid(event):
             raise InvalidEvent(SCHEMA_VIOLATION, explain(self.validator, event))
         return ClickEvent._unchecked(event)
-
-
-def features_of(event: dict[str, Any]) -> dict[str, Any]:
-    """The model input ``x`` of an event as a dict (see :meth:`ClickEvent.x`).
-
-    >>> features_of({"user_id": "u1", "item_id": "i2", "features": {"device": "ios"}})
-    {'user_id': 'u1', 'item_id': 'i2', 'device': 'ios'}
-    """
-    x = {"user_id": event["user_id"], "item_id": event["item_id"]}
-    feats = event.get("features")
-    if feats:
-        x.update(feats)
-    return x

@@ -127,6 +127,66 @@ SCORE_FIELDS = (
 )  # fmt: skip
 
 
+def _baseline(
+    value: Callable[[Any], float | None],
+) -> Callable[[PartitionLearner, float], float | None]:
+    return lambda lr, wall: value(lr.baseline) if lr.baseline is not None else None
+
+
+def _psi(key: str) -> Callable[[PartitionLearner, float], float | None]:
+    return lambda lr, wall: lr.data_drift.scores.get(key) if lr.data_drift is not None else None
+
+
+# Per-partition metrics with one value each (labels: topic, partition): (family type,
+# name, help, the value from a learner and the wall time; None or NaN exports no sample).
+_Family = type[CounterMetricFamily] | type[GaugeMetricFamily]
+PARTITION_METRICS: tuple[
+    tuple[_Family, str, str, Callable[[PartitionLearner, float], float | None]], ...
+] = (
+    (CounterMetricFamily, "riverline_events_consumed", "Messages read from the input topic.",
+     lambda lr, wall: lr.consumed),
+    (CounterMetricFamily, "riverline_events_predicted",
+     "Valid events a prediction was published for.", lambda lr, wall: lr.predicted),
+    (CounterMetricFamily, "riverline_events_learned",
+     "Labelled events the online model learned from.", lambda lr, wall: lr.learned),
+    (GaugeMetricFamily, "riverline_consumer_lag_messages",
+     "Messages in the partition not processed yet (high watermark - position).",
+     lambda lr, wall: lr.lag),
+    (GaugeMetricFamily, "riverline_committed_offset",
+     "Last offset committed for the partition.", lambda lr, wall: lr.committed_offset),
+    (GaugeMetricFamily, "riverline_snapshot_size_bytes",
+     "Size of the partition's last snapshot (pickled learner).",
+     lambda lr, wall: lr.snapshot_bytes if lr.snapshot_at is not None else None),
+    (GaugeMetricFamily, "riverline_snapshot_age_seconds",
+     "Seconds since the partition's last successful checkpoint (or restored snapshot).",
+     lambda lr, wall: max(0.0, wall - lr.snapshot_at) if lr.snapshot_at is not None else None),
+    (GaugeMetricFamily, "riverline_restore_duration_seconds",
+     "Time taken to read, verify and load the partition's snapshot at assignment.",
+     lambda lr, wall: lr.restore_seconds),
+    (GaugeMetricFamily, "riverline_drift_last_alarm_timestamp_seconds",
+     "Unix time of the last concept-drift alarm.",
+     lambda lr, wall: lr.drift.last_alarm_time if lr.drift is not None else None),
+    (CounterMetricFamily, "riverline_online_model_resets",
+     "Online models replaced by a fresh one (--drift-action reset-online).",
+     lambda lr, wall: lr.resets),
+    (CounterMetricFamily, "riverline_batch_trainings",
+     "Trainings of the offline (batch) baseline.", _baseline(lambda b: b.trainings)),
+    (GaugeMetricFamily, "riverline_batch_training_duration_seconds",
+     "Duration of the last batch-baseline training (in the background unless "
+     "--baseline-deploy-delay is 0, when the stream pauses for it).",
+     _baseline(lambda b: b.last_training_seconds if b.trainings else None)),
+    (CounterMetricFamily, "riverline_batch_deploy_wait_seconds",
+     "Time the stream paused at a batch model's deploy point, its fit not done yet.",
+     _baseline(lambda b: b.deploy_wait_seconds)),
+    (GaugeMetricFamily, "riverline_label_drift_psi",
+     "PSI of the click label (click rate): latest block vs reference block.",
+     _psi("__label__")),
+    (GaugeMetricFamily, "riverline_prediction_drift_psi",
+     "PSI of the online model's predicted probability (10 bins): latest vs reference.",
+     _psi("__prediction__")),
+)  # fmt: skip
+
+
 class WorkerCollector:
     """Yields every riverline metric family from :class:`WorkerStats` at scrape time."""
 
@@ -145,112 +205,44 @@ class WorkerCollector:
         info.add_metric([], self.info)
         yield info
 
-        part = ["topic", "partition"]
-        consumed = CounterMetricFamily(
-            "riverline_events_consumed", "Messages read from the input topic.", labels=part
-        )
-        predicted = CounterMetricFamily(
-            "riverline_events_predicted",
-            "Valid events a prediction was published for.",
-            labels=part,
-        )
-        learned = CounterMetricFamily(
-            "riverline_events_learned",
-            "Labelled events the online model learned from.",
-            labels=part,
-        )
+        wall = time.time()
+        plain = [
+            (kind(name, doc, labels=["topic", "partition"]), value)
+            for kind, name, doc, value in PARTITION_METRICS
+        ]
         dead = CounterMetricFamily(
             "riverline_events_dead_lettered",
             "Messages sent to the dead-letter topic, by reason.",
-            labels=[*part, "reason"],
+            labels=["topic", "partition", "reason"],
         )
-        lag = GaugeMetricFamily(
-            "riverline_consumer_lag_messages",
-            "Messages in the partition not processed yet (high watermark - position).",
-            labels=part,
-        )
-        committed = GaugeMetricFamily(
-            "riverline_committed_offset", "Last offset committed for the partition.", labels=part
-        )
-        snap_bytes = GaugeMetricFamily(
-            "riverline_snapshot_size_bytes",
-            "Size of the partition's last snapshot (pickled learner).",
-            labels=part,
-        )
-        snap_age = GaugeMetricFamily(
-            "riverline_snapshot_age_seconds",
-            "Seconds since the partition's last successful checkpoint (or restored snapshot).",
-            labels=part,
-        )
-        restore = GaugeMetricFamily(
-            "riverline_restore_duration_seconds",
-            "Time taken to read, verify and load the partition's snapshot at assignment.",
-            labels=part,
-        )
-        wall = time.time()
+        by_detector = ["topic", "partition", "detector"]
         alarms = CounterMetricFamily(
             "riverline_drift_alarms",
             "Concept-drift alarms on the online model's loss (a rise of the loss).",
-            labels=[*part, "detector"],
+            labels=by_detector,
         )
         estimate = GaugeMetricFamily(
             "riverline_drift_estimate",
             "The detector's estimate of the online model's mean Brier loss.",
-            labels=[*part, "detector"],
-        )
-        last_alarm = GaugeMetricFamily(
-            "riverline_drift_last_alarm_timestamp_seconds",
-            "Unix time of the last concept-drift alarm.",
-            labels=part,
-        )
-        resets = CounterMetricFamily(
-            "riverline_online_model_resets",
-            "Online models replaced by a fresh one (--drift-action reset-online).",
-            labels=part,
-        )
-        trainings = CounterMetricFamily(
-            "riverline_batch_trainings", "Trainings of the offline (batch) baseline.", labels=part
-        )
-        training_s = GaugeMetricFamily(
-            "riverline_batch_training_duration_seconds",
-            "Duration of the last batch-baseline training (the event loop pauses for it).",
-            labels=part,
+            labels=by_detector,
         )
         data_psi = GaugeMetricFamily(
             "riverline_data_drift_psi",
             "Population stability index of a feature: latest block vs reference block.",
-            labels=[*part, "feature"],
-        )
-        label_psi = GaugeMetricFamily(
-            "riverline_label_drift_psi",
-            "PSI of the click label (click rate): latest block vs reference block.",
-            labels=part,
-        )
-        pred_psi = GaugeMetricFamily(
-            "riverline_prediction_drift_psi",
-            "PSI of the online model's predicted probability (10 bins): latest vs reference.",
-            labels=part,
+            labels=["topic", "partition", "feature"],
         )
         scores = {
-            key: GaugeMetricFamily(name, doc, labels=["model", *part, "window"])
+            key: GaugeMetricFamily(name, doc, labels=["model", "topic", "partition", "window"])
             for key, name, doc in SCORE_FIELDS
         }
         for lr in learners:
             pl = [topic, str(lr.partition)]
-            consumed.add_metric(pl, lr.consumed)
-            predicted.add_metric(pl, lr.predicted)
-            learned.add_metric(pl, lr.learned)
+            for family, value_of in plain:
+                value = value_of(lr, wall)
+                if value is not None and not math.isnan(value):
+                    family.add_metric(pl, value)
             for reason in REASONS:
                 dead.add_metric([*pl, reason], lr.dead_lettered.get(reason, 0))
-            if lr.lag is not None:
-                lag.add_metric(pl, lr.lag)
-            if lr.committed_offset is not None:
-                committed.add_metric(pl, lr.committed_offset)
-            if lr.snapshot_at is not None:
-                snap_bytes.add_metric(pl, lr.snapshot_bytes)
-                snap_age.add_metric(pl, max(0.0, wall - lr.snapshot_at))
-            if lr.restore_seconds is not None:
-                restore.add_metric(pl, lr.restore_seconds)
             with lr.lock:  # the loop folds pending pairs; a scrape only reads
                 per_model = {
                     "online": (lr.scores.cumulative(), lr.scores.rolling()),
@@ -268,43 +260,12 @@ class WorkerCollector:
                 alarms.add_metric([*pl, lr.drift.detector_name], lr.drift.alarms)
                 if not math.isnan(lr.drift.estimate):
                     estimate.add_metric([*pl, lr.drift.detector_name], lr.drift.estimate)
-                if lr.drift.last_alarm_time is not None:
-                    last_alarm.add_metric(pl, lr.drift.last_alarm_time)
-            resets.add_metric(pl, lr.resets)
-            if lr.baseline is not None:
-                trainings.add_metric(pl, lr.baseline.trainings)
-                if lr.baseline.trainings:
-                    training_s.add_metric(pl, lr.baseline.last_training_seconds)
             if lr.data_drift is not None:
                 for feature, value in list(lr.data_drift.scores.items()):
-                    if math.isnan(value):
-                        continue
-                    if feature == "__label__":
-                        label_psi.add_metric(pl, value)
-                    elif feature == "__prediction__":
-                        pred_psi.add_metric(pl, value)
-                    else:
+                    if feature not in ("__label__", "__prediction__") and not math.isnan(value):
                         data_psi.add_metric([*pl, feature], value)
-        yield from (
-            consumed,
-            predicted,
-            learned,
-            dead,
-            lag,
-            committed,
-            snap_bytes,
-            snap_age,
-            restore,
-            alarms,
-            estimate,
-            last_alarm,
-            resets,
-            trainings,
-            training_s,
-            data_psi,
-            label_psi,
-            pred_psi,
-        )
+        yield from (family for family, _ in plain)
+        yield from (dead, alarms, estimate, data_psi)
         yield from scores.values()
         yield GaugeMetricFamily(
             "riverline_assigned_partitions",

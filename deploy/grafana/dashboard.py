@@ -441,14 +441,19 @@ def panels() -> Iterator[Panel]:
         decimals=0,
     )
     yield timeseries(
-        "Restore and batch-training durations",
-        "Time to restore a partition's snapshot at assignment, and the last batch-baseline "
-        "training (the stream pauses for it).",
+        "Restore, batch-training and deploy-wait durations",
+        "Time to restore a partition's snapshot at assignment; the last batch-baseline "
+        "training (in the background); and the time the stream paused at a batch model's "
+        "deploy point because its fit was not done yet (should stay 0).",
         targets(
             (f"riverline_restore_duration_seconds{{{PSEL}}}", "restore p{{partition}}"),
             (
                 f"riverline_batch_training_duration_seconds{{{PSEL}}}",
                 "batch training p{{partition}}",
+            ),
+            (
+                f"increase(riverline_batch_deploy_wait_seconds_total{{{PSEL}}}[{RATE}])",
+                "deploy wait p{{partition}}",
             ),
         ),
         "s",

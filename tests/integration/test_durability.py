@@ -51,10 +51,10 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from tests.helpers import features_of
 from tests.integration.processes import REPO, WorkerProcess, killed_at_exit, worker_env
 from worker.broker import LocalBroker, free_port
 from worker.config import settings_from_mapping
-from worker.events import features_of
 from worker.loop import Worker
 from worker.models import model_factory
 from worker.simulate import SimulationConfig, generate

@@ -40,10 +40,11 @@ from confluent_kafka import (
 from prometheus_client.parser import text_string_to_metric_families
 from river import metrics, utils
 
+from tests.helpers import features_of
 from tests.integration.processes import REPO, WorkerProcess, killed_at_exit, worker_env
 from worker.broker import free_port
 from worker.config import Settings, settings_from_mapping
-from worker.events import REASONS, features_of
+from worker.events import REASONS
 from worker.learner import PartitionLearner
 from worker.loop import Worker
 from worker.metrics import MetricsServer
@@ -373,7 +374,6 @@ def test_predictions_equal_a_bare_river_loop(
     assert cum.mean_prediction == pytest.approx(sum(p for _, p in pairs) / len(pairs), abs=1e-12)
 
 
-
 def test_the_batch_model_serves_from_its_fixed_event_and_the_report_counts_the_wait(
     kafka_bootstrap: str, new_topic: TopicFactory
 ) -> None:
@@ -407,6 +407,7 @@ def test_the_batch_model_serves_from_its_fixed_event_and_the_report_counts_the_w
     assert run.worker.stats.learners == {}  # revoked at exit
     report = run.worker.report()
     assert report["deploy_wait_seconds"] == baseline.deploy_wait_seconds > 0
+
 
 # -- b. dead letters ----------------------------------------------------------------------
 def _bad_records(topic_hint: str) -> list[tuple[str, Record]]:

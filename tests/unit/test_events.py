@@ -12,6 +12,7 @@ import msgspec
 import orjson
 import pytest
 
+from tests.helpers import features_of
 from worker.events import (
     DEAD_LETTER_SCHEMA,
     REASONS,
@@ -19,7 +20,6 @@ from worker.events import (
     InvalidEvent,
     compile_schema,
     encode_prediction,
-    features_of,
 )
 from worker.learner import PartitionLearner
 from worker.models import make_model
@@ -361,3 +361,15 @@ def test_predictions_validate_against_the_prediction_schema() -> None:
     assert preds[0].click_probability == 0.5  # before any learning
     assert preds[1].click_probability > 0.5  # after one click of u1 on i1
     assert learner.learned == 3 and learner.predicted == 5
+
+
+def test_the_model_input_is_the_oracles_x_in_the_same_key_order() -> None:
+    """ClickEvent.x() (the worker's) equals the tests' own construction of x, key order
+    included: a model's float sums follow that order."""
+    codec = EventCodec.load()
+    events = list(generate(SimulationConfig(n_events=500, seed=3)))
+    events.append({"event_id": "bare", "ts": 1, "user_id": "u", "item_id": "i"})
+    for ev in events:
+        got = codec.decode(orjson.dumps(ev)).x()
+        want = features_of(ev)
+        assert list(got.items()) == list(want.items())

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from river import base, compose, linear_model, preprocessing
 
+from tests.helpers import features_of
 from worker.errors import ConfigError
-from worker.events import features_of
 from worker.models import PRESETS, check_model, model_factory
 from worker.simulate import SimulationConfig, generate
 

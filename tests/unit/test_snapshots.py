@@ -21,9 +21,9 @@ import pytest
 from confluent_kafka import TopicPartition
 
 import worker.learner
+from tests.helpers import features_of
 from worker.config import settings_from_mapping
 from worker.errors import ConfigError
-from worker.events import features_of
 from worker.learner import PartitionLearner
 from worker.loop import Worker
 from worker.models import make_model
