@@ -53,10 +53,9 @@ def features_of(event: dict[str, Any]) -> dict[str, Any]:
     give the same dict, in the same key order).
 
     >>> features_of({"user_id": "u1", "item_id": "i2", "features": {"device": "ios"}})
-    {'user_id': 'u1', 'item_id': 'i2', 'device': 'ios'}
+    {'device': 'ios', 'user_id': 'u1', 'item_id': 'i2'}
     """
-    x = {"user_id": event["user_id"], "item_id": event["item_id"]}
-    feats = event.get("features")
-    if feats:
-        x.update(feats)
+    x = dict(event.get("features") or {})
+    x["user_id"] = event["user_id"]
+    x["item_id"] = event["item_id"]
     return x

@@ -1,7 +1,7 @@
 """Plug-in models for the worker tests, loaded with ``--model tests.plugin_models:FACTORY``.
 
 Everything is module level (classes and functions, no lambdas), so every model pickles.
-Each takes ``x = {"user_id", "item_id", **features}`` like the presets.
+Each takes ``x = {**features, "user_id", "item_id"}`` like the presets.
 """
 
 from __future__ import annotations

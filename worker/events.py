@@ -146,8 +146,12 @@ class ClickEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     clicked: bool | None = None
 
     def x(self) -> dict[str, Any]:
-        """The model input: user and item ids plus the features."""
-        return {"user_id": self.user_id, "item_id": self.item_id, **self.features}
+        """The model input: the features, then the user and item ids.
+
+        In that order because a copy of the decoded features dict is the cheapest way to
+        build it (0.11 µs against 0.20 for ``{"user_id": …, "item_id": …, **features}``).
+        """
+        return dict(self.features, user_id=self.user_id, item_id=self.item_id)
 
     @classmethod
     def from_dict(cls, event: dict[str, Any]) -> ClickEvent:

@@ -1,6 +1,6 @@
 """Model presets (pure River) and the ``MODULE:FACTORY`` plug-in path.
 
-Every model takes the same input, ``x = {"user_id": ..., "item_id": ..., **features}``,
+Every model takes the same input, ``x = {**features, "user_id": ..., "item_id": ...}``,
 and is a River binary classifier (``predict_proba_one`` / ``learn_one``).
 
 >>> model = make_model("logreg", seed=0)
@@ -133,7 +133,7 @@ def check_model(spec: str, factory: Callable[[], Any]) -> None:
     except Exception as exc:
         raise ConfigError(
             f"--model {spec!r} failed on a sample event {SAMPLE_X}: {exc!r}; the model "
-            "must accept x = {'user_id', 'item_id', **features}"
+            "must accept x = {**features, 'user_id', 'item_id'}"
         ) from exc
     if not isinstance(proba, dict) or not isinstance(proba.get(True, 0.0), float | int):
         raise ConfigError(
