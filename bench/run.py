@@ -394,11 +394,18 @@ def latency(bs: str, rate: float, seconds: float, n_users: int) -> dict[str, Any
                     store[orjson.loads(m.value())["offset"]] = m.timestamp()[1]
     c.close()
     worker_log.seek(0)
-    slow_lines = [ln.strip() for ln in worker_log if "slow" in ln or "WARNING" in ln]
+    lines = worker_log.readlines()
     worker_log.close()
+    slow_lines = [ln.strip() for ln in lines if "slow" in ln or "WARNING" in ln]
     in_order = [got[o] - sent_at[o] for o in sorted(got) if o in sent_at]
     lat = sorted(in_order)
     if not lat:
+        log(
+            f"latency: no prediction matched a click ({len(sent_at)} clicks, {len(got)} "
+            f"predictions, worker exit code {worker.returncode}); the worker's log:"
+        )
+        for line in lines[-40:]:
+            log("  " + line.rstrip())
         return {"rate": rate, "p50_ms": None, "p99_ms": None, "n": 0}
     return {
         "rate": rate,
