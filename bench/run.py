@@ -327,6 +327,13 @@ def latency(bs: str, rate: float, seconds: float, n_users: int) -> dict[str, Any
         [NewTopic(out, 1, -1, config={"message.timestamp.type": "LogAppendTime"})]
     )
     created[out].result(30)
+    n = int(rate * seconds)
+    # Generated and encoded before the worker starts: it runs with --exit-when-idle 4,
+    # and generating 380,000 clicks after it joined took long enough that it sometimes
+    # left first, and the run measured nothing. Produced in small bursts on schedule,
+    # so the producer (on the same 2 cores) costs as little as it can.
+    events = list(generate(SimulationConfig(n_events=n, seed=3, scenario="none", n_users=n_users)))
+    records = [(orjson.dumps(ev), ev["user_id"].encode()) for ev in events]
     group = f"bench-lat-{uuid.uuid4().hex[:6]}"
     from worker.broker import free_port
 
@@ -348,11 +355,6 @@ def latency(bs: str, rate: float, seconds: float, n_users: int) -> dict[str, Any
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.2)
-    n = int(rate * seconds)
-    # Encoded before the clock starts, and produced in small bursts on schedule, so the
-    # producer (on the same 2 cores) costs as little as it can.
-    events = list(generate(SimulationConfig(n_events=n, seed=3, scenario="none", n_users=n_users)))
-    records = [(orjson.dumps(ev), ev["user_id"].encode()) for ev in events]
     del events
     # linger.ms=1: batches of a few clicks rather than one request per click, which
     # would load the broker (on the same 2 cores) more than the worker does.
