@@ -527,8 +527,7 @@ def main() -> int:
         )
         raws = [orjson.dumps(e) for e in events]
         keys = [e["user_id"].encode() for e in events]
-        events = map(EventCodec.load().decode, raws)
-        decoded = [(ev.x(), ev.clicked) for ev in events]
+        decoded = [(ev.x(), ev.clicked) for ev in map(EventCodec.load().decode, raws)]
         topic = f"bench-in-{uuid.uuid4().hex[:6]}"
         ensure_topic(bs, topic, 1)
         produce(bs, topic, raws, keys)

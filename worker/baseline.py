@@ -145,7 +145,8 @@ class BatchBaseline:
     def predict(self, x: dict[str, Any]) -> float | None:
         """Probability of a click, or None before the first training.
 
-        The same tokens as :func:`worker.batchfit.token_features`, computed inline: this runs per event.
+        The same tokens as :func:`worker.batchfit.token_features`, computed inline:
+        this runs per event.
         """
         fields = self._fields
         if fields is None:

@@ -106,8 +106,9 @@ def fit_executor() -> Executor:
 
 def start_fit_process() -> None:
     """Start the fit process now (it imports scikit-learn, about a second), not at the
-    first fit."""
-    fit_executor().submit(_warm_up)
+    first fit. Once: later calls find it started."""
+    if not _EXECUTOR:
+        fit_executor().submit(_warm_up)
 
 
 def _warm_up() -> None:

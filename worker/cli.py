@@ -95,7 +95,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from worker.config import settings_from_mapping
 
     settings = settings_from_mapping(vars(args))
-    if settings.baseline_window and settings.baseline_deploy_delay:
+    if settings.fits_in_background:
         from worker.batchfit import start_fit_process
 
         # First, so that the fit process imports what it needs while this one imports

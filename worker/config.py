@@ -215,6 +215,11 @@ class Settings:
         out["snapshot_key"] = "***"
         return out
 
+    @property
+    def fits_in_background(self) -> bool:
+        """The batch baseline's fits run in the fit process (:mod:`worker.batchfit`)."""
+        return bool(self.baseline_window and self.baseline_deploy_delay)
+
     def learner_options(self) -> LearnerOptions:
         from worker.learner import LearnerOptions
 

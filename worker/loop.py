@@ -178,8 +178,8 @@ class Worker:
             on_lost=self._on_lost,
         )
         opts = self.learner_options
-        if opts.baseline_window and opts.baseline_deploy_delay:
-            start_fit_process()
+        if s.fits_in_background:
+            start_fit_process()  # unless `riverline run` started it already
         # The parent needs scikit-learn only when it fits in the loop itself.
         tune_gc(preload_baseline=opts.baseline_window > 0 and not opts.baseline_deploy_delay)
         try:
@@ -463,7 +463,6 @@ class Worker:
         if not due:
             return  # nothing consumed since the last checkpoint, so nothing produced
         offsets = [TopicPartition(lr.topic, lr.partition, lr.next_offset or 0) for lr in due]
-        committed = {lr.partition for lr in due}
         if self.eos:
             if not self._in_txn:  # e.g. a revocation right after a commit
                 self._txn_call("begin_transaction", self.producer.begin_transaction)
@@ -477,6 +476,8 @@ class Worker:
             except _AbortNeeded as exc:
                 self._abort_and_rewind(str(exc))
                 return
+            for lr in due:
+                lr.committed_offset = lr.next_offset
         else:
             self._flush()  # predictions and dead letters acknowledged
             t_flushed = time.monotonic()
@@ -487,21 +488,11 @@ class Worker:
             try:
                 if wait_for_commit:
                     result = self.consumer.commit(offsets=offsets, asynchronous=False)
+                    self._on_commit(None, result or [])  # a sync commit calls no callback
                 else:
                     self.consumer.commit(offsets=offsets, asynchronous=True)
-                    result, committed = [], set()  # recorded by _on_commit
             except KafkaException as exc:
-                # Restores resume from the snapshot's offset: a failed commit costs
-                # nothing unless the snapshot is lost too. Retried next time.
-                log.warning("offset commit failed, will retry: %s", describe(exc))
-                result = []
-                committed = set()
-            for tp in result or []:
-                if tp.error is not None:
-                    committed.discard(tp.partition)
-                    log.warning(
-                        "commit of %s[%d] failed: %s", tp.topic, tp.partition, describe(tp.error)
-                    )
+                self._on_commit(exc, [])
         # The rewind points: an aborted transaction or a model that raised in learn_one
         # returns its partition to these.
         self._committed.update(self._pending_payloads)
@@ -513,8 +504,6 @@ class Worker:
         for lr in due:
             lr.snapshot_offset = lr.next_offset
             lr.snapshot_at = now
-            if lr.partition in committed:
-                lr.committed_offset = lr.next_offset
         self.stats.commits += 1
         took = time.monotonic() - started
         self.stats.checkpoint_duration.observe(took)
@@ -671,8 +660,13 @@ class Worker:
             log.info("revoked partitions %s", sorted(revoked))
         self.stats.rebalances["revoked"] += len(revoked)
 
-    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """The result of an asynchronous offset commit (see :meth:`_checkpoint`)."""
+    def _on_commit(
+        self, err: KafkaError | Exception | None, partitions: list[TopicPartition]
+    ) -> None:
+        """Record an offset commit's result (the consumer calls this for asynchronous
+        commits, :meth:`_checkpoint` for synchronous ones). A failed commit costs
+        nothing unless the snapshot is lost too (restores resume from the snapshot's
+        offset); the next checkpoint commits again."""
         if err is not None:
             log.warning("offset commit failed, will retry: %s", describe(err))
             return
