@@ -4,7 +4,7 @@ This module imports only msgspec and ``river.base`` (numpy and scikit-learn insi
 fit), so the fit process (:mod:`worker.fitproc`), which ``riverline run`` starts before
 it imports River itself, has scikit-learn loaded (about a second) by the time the worker
 reads its first event. It used to import all of River first, through
-``worker.baseline``: ~2 s of CPU at the lowest priority, and at full speed the loop then
+``worker.baseline``: ~2 s of CPU at low priority, and at full speed the loop then
 waited 0.23–0.45 s for the first model at its deploy point.
 """
 
@@ -93,8 +93,8 @@ def fit_executor() -> Executor:
 
     A process, not a thread: on a thread the fit shared the GIL with the loop and halved
     its speed while it ran (p99 latency 250 ms at 15,000 events/s on this machine). The
-    process (:mod:`worker.fitproc`) runs at the lowest CPU priority with one BLAS
-    thread, so the loop, librdkafka and a broker on the same host go first.
+    process (:mod:`worker.fitproc`) runs at a lower CPU priority (nice 10) with one
+    BLAS thread, so the loop, librdkafka and a broker on the same host go first.
     """
     if not _EXECUTOR:
         from worker.fitproc import FitProcess

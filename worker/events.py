@@ -148,10 +148,22 @@ class ClickEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     def x(self) -> dict[str, Any]:
         """The model input: the features, then the user and item ids.
 
-        In that order because a copy of the decoded features dict is the cheapest way to
-        build it (0.11 µs against 0.20 for ``{"user_id": …, "item_id": …, **features}``).
+        Built in the event's own ``features`` dict, which then holds the ids too: one
+        object less per event than a copy (0.05 µs against 0.11 for
+        ``dict(features, user_id=…, item_id=…)`` and 0.20 for ``{"user_id": …, **features}``).
+        Safe because the decoder gives every event a dict of its own and refuses
+        features named ``user_id`` or ``item_id``; calling it again returns the same dict.
+
+        >>> ev = ClickEvent("e1", 1, "u1", "i1", {"device": "ios"})
+        >>> ev.x()
+        {'device': 'ios', 'user_id': 'u1', 'item_id': 'i1'}
+        >>> ev.x() is ev.x()
+        True
         """
-        return dict(self.features, user_id=self.user_id, item_id=self.item_id)
+        x = self.features
+        x["user_id"] = self.user_id
+        x["item_id"] = self.item_id
+        return x
 
     @classmethod
     def from_dict(cls, event: dict[str, Any]) -> ClickEvent:
@@ -172,7 +184,7 @@ class ClickEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
             event["ts"],
             event["user_id"],
             event["item_id"],
-            event.get("features") or {},
+            dict(event.get("features") or {}),  # x() adds the ids: never to the caller's
             event.get("clicked"),
         )
 

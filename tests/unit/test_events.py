@@ -16,6 +16,7 @@ from tests.helpers import features_of
 from worker.events import (
     DEAD_LETTER_SCHEMA,
     REASONS,
+    ClickEvent,
     EventCodec,
     InvalidEvent,
     compile_schema,
@@ -373,3 +374,16 @@ def test_the_model_input_is_the_oracles_x_in_the_same_key_order() -> None:
         got = codec.decode(orjson.dumps(ev)).x()
         want = features_of(ev)
         assert list(got.items()) == list(want.items())
+
+
+def test_x_is_built_in_the_events_own_features_never_in_the_callers_dict() -> None:
+    """x() adds the ids to the event's features dict (one object less per event): the
+    decoder gives each event a dict of its own, and from_dict copies the caller's."""
+    codec = EventCodec.load()
+    bare = b'{"event_id":"e","ts":1,"user_id":"u","item_id":"i"}'
+    first, second = codec.decode(bare), codec.decode(bare)
+    assert first.x() is not second.x()  # the {} default is not shared between events
+    given = {"event_id": "e", "ts": 1, "user_id": "u", "item_id": "i", "features": {"a": 1}}
+    event = ClickEvent.from_dict(given)
+    assert event.x() == {"a": 1, "user_id": "u", "item_id": "i"}
+    assert given["features"] == {"a": 1}
