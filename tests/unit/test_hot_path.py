@@ -348,3 +348,19 @@ def test_the_fit_process_returns_errors_and_reports_its_death() -> None:
             pool.submit(divmod, 7, 2).result(timeout=5)
     finally:
         pool.shutdown(wait=False)
+
+
+def test_the_fit_process_runs_below_the_loop_but_not_at_the_bottom() -> None:
+    """nice 10 over the worker's own: at 19 the fit starved behind a busy broker and the
+    loop waited for it at the batch model's deploy point (up to 430 ms)."""
+    import os
+
+    from worker.fitproc import FIT_NICENESS, FitProcess
+
+    pool = FitProcess()
+    try:
+        child = pool.submit(os.nice, 0).result(timeout=60)
+    finally:
+        pool.shutdown()
+    assert FIT_NICENESS == 10
+    assert child == min(os.nice(0) + FIT_NICENESS, 19)
