@@ -93,7 +93,7 @@ def fit_executor() -> Executor:
 
     A process, not a thread: on a thread the fit shared the GIL with the loop and halved
     its speed while it ran (p99 latency 250 ms at 15,000 events/s on this machine). The
-    process (:mod:`worker.fitproc`) runs at a lower CPU priority (nice 10) with one
+    process (:mod:`worker.fitproc`) runs at a lower CPU priority (nice 5) with one
     BLAS thread, so the loop, librdkafka and a broker on the same host go first.
     """
     if not _EXECUTOR:

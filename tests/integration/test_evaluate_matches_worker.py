@@ -33,6 +33,7 @@ def test_evaluate_numbers_equal_the_workers(kafka_bootstrap: str, new_topic: Top
 
     learner_flags: dict[str, Any] = {
         "baseline_window": 2000,
+        "baseline_deploy_delay": 3000,  # serves from 5,000 labelled events on
         "drift_grace": 500,
         "data_drift_block": 1000,
         "window": 500,

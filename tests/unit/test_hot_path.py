@@ -351,8 +351,8 @@ def test_the_fit_process_returns_errors_and_reports_its_death() -> None:
 
 
 def test_the_fit_process_runs_below_the_loop_but_not_at_the_bottom() -> None:
-    """nice 10 over the worker's own: at 19 the fit starved behind a busy broker and the
-    loop waited for it at the batch model's deploy point (up to 430 ms)."""
+    """nice 5 over the worker's own: at 19 (and sometimes at 10) the fit starved behind a
+    busy broker and the loop waited for it at the batch model's deploy point."""
     import os
 
     from worker.fitproc import FIT_NICENESS, FitProcess
@@ -362,5 +362,5 @@ def test_the_fit_process_runs_below_the_loop_but_not_at_the_bottom() -> None:
         child = pool.submit(os.nice, 0).result(timeout=60)
     finally:
         pool.shutdown()
-    assert FIT_NICENESS == 10
+    assert FIT_NICENESS == 5
     assert child == min(os.nice(0) + FIT_NICENESS, 19)
