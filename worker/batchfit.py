@@ -93,8 +93,8 @@ def fit_executor() -> Executor:
 
     A process, not a thread: on a thread the fit shared the GIL with the loop and halved
     its speed while it ran (p99 latency 250 ms at 15,000 events/s on this machine). The
-    process (:mod:`worker.fitproc`) runs at a lower CPU priority (nice 5) with one
-    BLAS thread, so the loop, librdkafka and a broker on the same host go first.
+    process (:mod:`worker.fitproc`) runs at the loop's priority, since the loop waits
+    for it at a deploy point, with one BLAS thread, so it never takes both cores.
     """
     if not _EXECUTOR:
         from worker.fitproc import FitProcess

@@ -4,8 +4,8 @@
 ``python -m worker.fitproc``: each call is pickled down a pipe, run in the child, and its
 result (or exception) pickled back. The child is started with ``subprocess`` rather than
 ``multiprocessing`` so that it never re-imports the parent's ``__main__`` (a script
-without a ``__main__`` guard would otherwise run again in the child). It runs at a
-lower CPU priority than the loop (nice 5) with one BLAS thread.
+without a ``__main__`` guard would otherwise run again in the child). It runs at the
+loop's CPU priority with one BLAS thread.
 
 >>> pool = FitProcess()
 >>> pool.submit(divmod, 7, 2).result(timeout=60)
@@ -30,7 +30,6 @@ from queue import SimpleQueue
 from typing import IO, Any
 
 _LENGTH = struct.Struct("!Q")
-FIT_NICENESS = 5
 
 
 def _send(stream: IO[bytes], obj: Any) -> None:
@@ -135,14 +134,12 @@ class FitProcess(Executor):
 
 def _serve() -> None:
     """The child: read calls from stdin, write (ok, result) to stdout, until EOF."""
-    # Below the loop, not at the bottom: when the loop reaches a batch model's deploy
-    # point before its fit is done, it waits for the fit. At nice 19, with a broker and
-    # a load generator busy on the same two cores at 19,000 events/s, a 130 ms fit took
-    # up to 0.9 s and the loop stood still for up to 430 ms (p99 latency 100-500 ms); at
-    # nice 10 it still waited 115-185 ms in 2 of 10 runs, at nice 5 in none of 8 (nor at
-    # 0), and the throughput at full speed is the same.
-    with contextlib.suppress(AttributeError, OSError):  # not allowed: normal priority
-        os.nice(FIT_NICENESS)
+    # No os.nice(): when the loop reaches a batch model's deploy point before the fit
+    # is done, it waits for it, so a fit that yields to everything else stalls the
+    # stream. With a broker and a load generator busy on the same two cores
+    # at 19,000 events/s, a 130 ms fit at nice 19 took up to 0.9 s and the loop stood
+    # still for up to 430 ms (p99 latency 100-500 ms); at nice 10 it still waited
+    # 115-185 ms in 2 of 13 runs, at nice 5 197 ms in 1 of 7; at nice 0 in none.
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1)

@@ -350,17 +350,17 @@ def test_the_fit_process_returns_errors_and_reports_its_death() -> None:
         pool.shutdown(wait=False)
 
 
-def test_the_fit_process_runs_below_the_loop_but_not_at_the_bottom() -> None:
-    """nice 5 over the worker's own: at 19 (and sometimes at 10) the fit starved behind a
-    busy broker and the loop waited for it at the batch model's deploy point."""
+def test_the_fit_process_runs_at_the_loops_priority() -> None:
+    """Not below it: the loop waits for the fit at the batch model's deploy point, and at
+    nice 19 (and at 10 and 5 now and then) the fit starved behind a busy broker while
+    the stream stood still."""
     import os
 
-    from worker.fitproc import FIT_NICENESS, FitProcess
+    from worker.fitproc import FitProcess
 
     pool = FitProcess()
     try:
         child = pool.submit(os.nice, 0).result(timeout=60)
     finally:
         pool.shutdown()
-    assert FIT_NICENESS == 5
-    assert child == min(os.nice(0) + FIT_NICENESS, 19)
+    assert child == os.nice(0)
