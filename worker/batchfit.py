@@ -4,7 +4,7 @@ This module imports only msgspec and ``river.base`` (numpy and scikit-learn insi
 fit), so the fit process (:mod:`worker.fitproc`), which ``riverline run`` starts before
 it imports River itself, has scikit-learn loaded (about a second) by the time the worker
 reads its first event. It used to import all of River first, through
-``worker.baseline``: ~2 s of CPU at low priority, and at full speed the loop then
+``worker.baseline``: ~2 s of CPU (then at nice 19), and at full speed the loop then
 waited 0.23–0.45 s for the first model at its deploy point.
 """
 

@@ -64,7 +64,7 @@ class FitProcess(Executor):
         self._pending: deque[Future[Any]] = deque()
         self._broken: BaseException | None = None
         # Calls are written by a thread of their own: a write blocks while the child
-        # (at low priority) has not read the previous one, and the caller must not.
+        # (busy with a fit) has not read the previous one, and the caller must not.
         self._outbox: SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]
         self._outbox = SimpleQueue()
         self._reader = threading.Thread(
