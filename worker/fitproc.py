@@ -139,7 +139,7 @@ def _serve() -> None:
     # stream. With a broker and a load generator busy on the same two cores
     # at 19,000 events/s, a 130 ms fit at nice 19 took up to 0.9 s and the loop stood
     # still for up to 430 ms (p99 latency 100-500 ms); at nice 10 it still waited
-    # 115-185 ms in 2 of 13 runs, at nice 5 197 ms in 1 of 7; at nice 0 in none.
+    # 115-185 ms in 2 of 17 runs, at nice 5 197 ms in 1 of 11, at nice 0 in none of 11.
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1)
