@@ -110,7 +110,6 @@ class PartitionLearner:
         self._folded_at = 0.0
         # Guards `scores` between the loop (flush) and a scrape (read).
         self.lock = threading.Lock()
-        self.consumed = 0
         self.predicted = 0
         self.learned = 0
         self.dead_lettered: Counter[str] = Counter()
@@ -123,7 +122,13 @@ class PartitionLearner:
         self.snapshot_bytes = 0
         self.snapshot_at: float | None = None  # wall time of the last successful checkpoint
         self.restore_seconds: float | None = None
-        self.first_offset: int | None = None  # first offset processed since assignment
+        # A fresh learner's first offset processed: with no snapshot, a rewind seeks there.
+        self.first_offset: int | None = None
+
+    @property
+    def consumed(self) -> int:
+        """Events taken from the partition: each is predicted or dead-lettered."""
+        return self.predicted + sum(self.dead_lettered.values())
 
     def predict_learn(self, event: ClickEvent | dict[str, Any], offset: int) -> Prediction:
         """Test then train on one valid event; returns the prediction to publish.
@@ -134,6 +139,10 @@ class PartitionLearner:
         """
         if type(event) is not ClickEvent:
             event = ClickEvent.from_dict(event)  # type: ignore[arg-type]
+        return self.learn_event(event, offset)
+
+    def learn_event(self, event: ClickEvent, offset: int) -> Prediction:
+        """:meth:`predict_learn` for an event the codec decoded (the worker's loop)."""
         x = event.x()
         model = self.model
         version = f"{self._version_prefix}{self.learned}"
@@ -226,7 +235,6 @@ class PartitionLearner:
         learner.drift = state["drift"]
         learner.data_drift = state["data_drift"]
         learner.resets = state["resets"]
-        learner.consumed = state["consumed"]
         learner.predicted = state["predicted"]
         learner.learned = state["learned"]
         learner.dead_lettered = Counter(state["dead_lettered"])

@@ -321,6 +321,32 @@ def test_the_fast_path_gives_the_schemas_verdict_and_values() -> None:
     assert verdicts[True] > 100 and verdicts[False] > 1000, verdicts
 
 
+def test_feature_names_are_checked_however_many_the_codec_has_seen(monkeypatch: Any) -> None:
+    """The codec remembers valid feature names (msgspec checks none of them, to keep its
+    key cache): a name is only remembered once valid, and past the limit new names are
+    still checked one by one."""
+    import worker.events as events
+
+    monkeypatch.setattr(events, "MAX_KNOWN_NAMES", 3)
+    codec = EventCodec.load()
+    bad = [{"user_id": "u2"}, {"item_id": "i2"}, {"": 1}, {"k" * 101: 1}]
+    for features in bad:  # refused before any name is known...
+        with pytest.raises(InvalidEvent) as info:
+            codec.decode(_json(features=features))
+        assert info.value.reason == "schema_violation"
+    assert codec.names == set()
+    for i in range(6):  # ...valid names fill the set up to its limit, then no further
+        codec.decode(_json(features={f"f{i}": i, "k" * 100: "long but valid"}))
+    assert len(codec.names) == 3 and "k" * 100 in codec.names
+    assert codec.decode(_json(features={"f5": 5})).features == {"f5": 5}  # f5 not kept
+    for features in bad:  # ...and refused as before, alone or beside known names
+        for raw in (_json(features=features), _json(features={**features, "f0": 0})):
+            with pytest.raises(InvalidEvent) as info:
+                codec.decode(raw)
+            assert info.value.reason == "schema_violation"
+    assert len(codec.names) == 3
+
+
 def test_simulated_events_take_the_fast_path() -> None:
     """The common case never reaches orjson or jsonschema-rs."""
     from worker.events import _FAST
