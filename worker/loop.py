@@ -251,13 +251,30 @@ class Worker:
 
     # -- per batch --------------------------------------------------------------------
     def _process(self, msgs: list[Message]) -> None:
+        """Predict and learn from a poll batch, then hand its predictions to the producer.
+
+        The predictions go to the producer after the batch, not one by one: producing
+        between two events' model calls made the model itself about 1 µs per event
+        slower (the Kafka client's work evicts the model's data from the CPU caches),
+        and a batch is a few ms of work. They are handed over even when the batch stops
+        on an error, so an event counted as processed (``next_offset``) has its
+        prediction with the producer before any checkpoint; an aborted transaction
+        drops them with everything else it held.
+        """
+        out: list[tuple[bytes, bytes]] = []
+        try:
+            self._predict_batch(msgs, out)
+        finally:
+            if out:
+                self._publish(out)
+
+    def _predict_batch(self, msgs: list[Message], out: list[tuple[bytes, bytes]]) -> None:
+        """Each message to a prediction (appended to ``out`` with its key) or a dead letter."""
         learners = self.stats.learners
         codec = self.codec
         decode, known_names, limit = codec.decode, codec.names, codec.max_event_bytes
         encode = encode_prediction
-        assert self.producer is not None
-        produce = self.producer.produce
-        out_topic = self.settings.output_topic
+        publish = out.append
         poisoned_at = self._poisoned
         rewound: set[int] = set()
         # A batch holds runs of messages from one partition: look its learner up once a run.
@@ -302,6 +319,7 @@ class Worker:
                     # snapshot and replay; this event is then dead-lettered, unlearned.
                     poisoned_at[(partition, offset)] = str(exc)
                     if self.eos:
+                        out.clear()  # part of the transaction being aborted
                         self._abort_and_rewind(f"learn_one raised at {where(msg)}")
                         return
                     log.warning("%s: %s; rewinding the partition", where(msg), exc)
@@ -311,13 +329,18 @@ class Worker:
                     continue
                 self._dead_letter(msg, learner, MODEL_ERROR, str(exc))
             else:
-                value = encode(prediction)
-                key = event.user_id.encode()
-                try:
-                    produce(out_topic, value, key)
-                except BufferError:
-                    self._produce(out_topic, value, key, None)
+                publish((encode(prediction), event.user_id.encode()))
             learner.next_offset = offset + 1
+
+    def _publish(self, out: list[tuple[bytes, bytes]]) -> None:
+        """Hand predictions (value, key) to the producer, in order."""
+        assert self.producer is not None
+        produce, topic = self.producer.produce, self.settings.output_topic
+        for value, key in out:
+            try:
+                produce(topic, value, key)
+            except BufferError:
+                self._produce(topic, value, key, None)
 
     def _produce(
         self,
