@@ -115,7 +115,13 @@ OPTIONS: tuple[Option, ...] = (
         "comma-separated features to watch for data drift (default: the 8 most frequent)",
     ),
     Option("max_event_bytes", 65536, "larger events are dead-lettered as oversized", int),
-    Option("batch_size", 500, "messages taken per poll", int),
+    Option(
+        "batch_size",
+        500,
+        "messages taken per poll at most; their predictions go to the producer together, "
+        "after the batch",
+        int,
+    ),
     Option(
         "commit_interval",
         5.0,
