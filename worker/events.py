@@ -234,7 +234,7 @@ def explain(validator: Any, instance: Any) -> str:
 
 _FAST = msgspec.json.Decoder(ClickEvent)
 # One pass of msgspec: every check of the schema but the size limit and the feature
-# names, which EventCodec.decode adds (the worker's loop inlines the same three steps).
+# names, which EventCodec.decode adds (the worker's loop inlines the same steps).
 FAST_DECODE: Final = _FAST.decode
 
 
@@ -244,7 +244,7 @@ class EventCodec:
 
     validator: Any
     max_event_bytes: int = 64 * 1024
-    # Feature names already found valid (see _check_names): a set look-up each after that.
+    # Feature names already found valid (see check_names): a set look-up each after that.
     names: set[str] = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
@@ -265,21 +265,22 @@ class EventCodec:
         if not raw or len(raw) > self.max_event_bytes:
             raw = self._check_size(raw)  # raises
         try:
-            event = _FAST.decode(raw)  # type: ignore[arg-type]
+            event = FAST_DECODE(raw)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 (DecodeError, UnicodeDecodeError...): the reference path says why
             return self.decode_reference(raw)
-        if not self.names.issuperset(event.features) and not self._check_names(event.features):
+        if not self.names.issuperset(event.features) and not self.check_names(event.features):
             return self.decode_reference(raw)  # the schema's message names the field
         return event
 
-    def _check_names(self, features: dict[str, Any]) -> bool:
+    def check_names(self, features: dict[str, Any]) -> bool:
         """Are all these feature names valid? Valid names are remembered, up to
-        ``MAX_KNOWN_NAMES`` of them; past that, new names are checked each time.
+        ``MAX_KNOWN_NAMES`` of them; past that, new names are checked each time. Only
+        needed when ``names`` does not hold them all already (one set look-up each).
 
         >>> codec = EventCodec.load()
-        >>> codec._check_names({"device": "ios"}), "device" in codec.names
+        >>> codec.check_names({"device": "ios"}), "device" in codec.names
         (True, True)
-        >>> codec._check_names({"user_id": "u2"}), codec._check_names({"": 1})
+        >>> codec.check_names({"user_id": "u2"}), codec.check_names({"": 1})
         (False, False)
         """
         names = self.names

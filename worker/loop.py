@@ -272,7 +272,8 @@ class Worker:
         """Each message to a prediction (appended to ``out`` with its key) or a dead letter."""
         learners = self.stats.learners
         codec = self.codec
-        decode, known_names, limit = codec.decode, codec.names, codec.max_event_bytes
+        decode, limit = codec.decode, codec.max_event_bytes
+        known_names, check_names = codec.names, codec.check_names
         encode = encode_prediction
         publish = out.append
         poisoned_at = self._poisoned
@@ -299,16 +300,19 @@ class Worker:
             try:
                 if poisoned_at and (partition, offset) in poisoned_at:
                     raise ModelError(poisoned_at[(partition, offset)])
-                # EventCodec.decode, its common case inlined (one Python call less per
-                # event): msgspec's one pass, then the size and the feature names; any
-                # doubt goes to the codec, which decides and says why.
+                # EventCodec.decode, inlined (one Python call less per event): msgspec's
+                # one pass, then the size and the feature names; a refused event goes to
+                # the codec, which decides and says why.
                 raw = msg.value()
                 try:
                     event = FAST_DECODE(raw)  # type: ignore[arg-type]
                 except Exception:  # noqa: BLE001 (DecodeError, TypeError for None...)
                     event = decode(raw)
                 else:
-                    if len(raw) > limit or not known_names.issuperset(event.features):  # type: ignore[arg-type]
+                    features = event.features
+                    if len(raw) > limit or (  # type: ignore[arg-type]
+                        not known_names.issuperset(features) and not check_names(features)
+                    ):
                         event = decode(raw)
                 prediction = learner.learn_event(event, offset)
             except InvalidEvent as exc:
