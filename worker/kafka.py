@@ -81,6 +81,10 @@ def common_config(s: Settings) -> dict[str, Any]:
     }
 
 
+FETCH_MIN_BYTES = 16 * 1024
+FETCH_WAIT_MAX_MS = 5
+
+
 def consumer_config(s: Settings) -> dict[str, Any]:
     conf = common_config(s)
     conf.update(
@@ -95,6 +99,14 @@ def consumer_config(s: Settings) -> dict[str, Any]:
             # Never learn from an upstream transaction that was aborted.
             "isolation.level": "read_committed",
             "enable.partition.eof": False,
+            # The broker answers a fetch once 16 KB (about 50 clicks) are there or 5 ms
+            # have passed, not at every new byte: at a steady 6,900 clicks/s from a
+            # producer lingering 1 ms, that cut the broker's CPU from 48 to 38 % and the
+            # worker's from 88 to 81 %, and the p99 latency from 111-644 ms to 48-145 ms
+            # (p50 8 -> 14 ms) in 6 paired runs on 2 cores. A backlog is fetched in full
+            # batches either way.
+            "fetch.min.bytes": FETCH_MIN_BYTES,
+            "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
         }
     )
     for key, value in s.kafka.items():  # the user's word wins over our defaults

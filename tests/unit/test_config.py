@@ -63,6 +63,23 @@ def test_kafka_properties_from_the_environment() -> None:
     assert "config" not in _settings(env={"RIVERLINE_KAFKA_CONFIG": ""}).kafka
 
 
+def test_the_consumer_fetches_in_batches_unless_told_otherwise() -> None:
+    """The fetch defaults are librdkafka properties it accepts, and the user's own
+    values (RIVERLINE_KAFKA_*) win over them."""
+    from confluent_kafka import Consumer
+
+    from worker.kafka import FETCH_MIN_BYTES, FETCH_WAIT_MAX_MS, consumer_config
+
+    conf = consumer_config(_settings())
+    assert (conf["fetch.min.bytes"], conf["fetch.wait.max.ms"]) == (16384, 5)
+    assert (FETCH_MIN_BYTES, FETCH_WAIT_MAX_MS) == (16384, 5)
+    Consumer(conf).close()  # an unknown property or a bad value raises here
+    env = {"RIVERLINE_KAFKA_FETCH_MIN_BYTES": "1", "RIVERLINE_KAFKA_FETCH_WAIT_MAX_MS": "500"}
+    mine = consumer_config(_settings(env=env))
+    assert (mine["fetch.min.bytes"], mine["fetch.wait.max.ms"]) == ("1", "500")
+    Consumer(mine).close()
+
+
 def test_kafka_config_file(tmp_path: Path) -> None:
     path = tmp_path / "client.properties"
     path.write_text(
