@@ -295,7 +295,9 @@ class WorkerCollector:
         )
         yield st.checkpoint_duration.family(
             "riverline_checkpoint_duration_seconds",
-            "Duration of a checkpoint: flush, snapshot write, offset commit or transaction commit.",
+            "The loop's pause for a checkpoint: flush and snapshot write (at-least-once; the "
+            "acknowledgement and offset commit follow while the loop goes on), or snapshot "
+            "write and transaction commit (exactly-once).",
         )
         age = time.monotonic() - st.heartbeat if st.heartbeat else math.nan
         yield GaugeMetricFamily(
