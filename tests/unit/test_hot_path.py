@@ -87,6 +87,29 @@ def test_baseline_restored_from_an_older_pickle_still_predicts() -> None:
     assert pickle.loads(pickle.dumps(b)).predict(x) == b.predict(x)
 
 
+def test_a_deployed_models_weights_are_pickled_once_per_model() -> None:
+    """Snapshots reuse the pickled weights until a new model deploys, and restore them."""
+    b = BatchBaseline(window=500, retrain_every=500)
+    events = _events(1500)
+    for ev in events[:500]:
+        b.observe(_x(ev), bool(ev["clicked"]))
+    first = b.coef
+    assert first is not None
+    one, two = pickle.dumps(b), pickle.dumps(b)
+    cached = b._coef_pickled
+    pickle.dumps(b)
+    assert b._coef_pickled is cached  # not pickled again
+    assert pickle.loads(one).coef == pickle.loads(two).coef == first
+    for ev in events[500:1000]:  # retrains at the 1000th labelled event
+        b.observe(_x(ev), bool(ev["clicked"]))
+    assert b.trainings == 2 and b.coef is not first and b.coef != first
+    restored = pickle.loads(pickle.dumps(b))
+    assert restored.coef == b.coef and b._coef_pickled is not cached
+    x = _x(events[1200])
+    assert restored.predict(x) == b.predict(x)
+    assert "_coef_pickled" not in pickle.loads(pickle.dumps(b)).__dict__
+
+
 # -- concept drift -------------------------------------------------------------------------------
 def _reference_alarms(losses: list[float], grace: int) -> list[int]:
     """ADWIN asked for its estimate before and after every loss."""
