@@ -285,8 +285,9 @@ class BatchBaseline:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_future"] = None  # a running fit is not state: the job's rows are
-        for derived in ("_fields", "_numeric", "_crosses", "_due_at", "_coef_pickled"):
+        for derived in ("_fields", "_numeric", "_crosses", "_due_at"):
             state.pop(derived, None)  # rebuilt from coef by _index()
+        state.pop("_coef_pickled", None)  # a cache, refilled below
         coef = self.coef
         if coef is not None:
             # A deployed model's weights never change (a retrain deploys a new dict): each

@@ -103,7 +103,7 @@ def consumer_config(s: Settings) -> dict[str, Any]:
             # have passed, not at every new byte: at a steady 6,900 clicks/s from a
             # producer lingering 1 ms, that cut the broker's CPU from 48 to 38 % and the
             # worker's from 88 to 81 %, and the p99 latency from 111-644 ms to 48-145 ms
-            # (p50 8 -> 14 ms) in 6 paired runs on 2 cores. A backlog is fetched in full
+            # (p50 8 -> 14 ms) over 4 and 7 runs on 2 cores. A backlog is fetched in full
             # batches either way.
             "fetch.min.bytes": FETCH_MIN_BYTES,
             "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,

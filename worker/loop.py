@@ -529,16 +529,17 @@ class Worker:
         """
         assert self.consumer is not None and self.producer is not None
         started = time.monotonic()
-        if not self.eos:
-            # The checkpoint before, if its snapshots are still in flight: settled first,
-            # so that offsets are committed in order.
-            self._settle_checkpoint(wait=wait_for_commit)
         due = [
             lr
             for lr in list(self.stats.learners.values())
             if lr.next_offset is not None and lr.next_offset != lr.snapshot_offset
         ]
         self._since_checkpoint = 0
+        if not self.eos:
+            # The checkpoint before, if its snapshots are still in flight (normally not:
+            # it was written an interval ago). Waited for before this one writes, so
+            # that offsets are committed in order.
+            self._settle_checkpoint(wait=wait_for_commit or bool(due), sync_commit=wait_for_commit)
         if not due:
             return  # nothing consumed since the last checkpoint, so nothing produced
         offsets = [TopicPartition(lr.topic, lr.partition, lr.next_offset or 0) for lr in due]
@@ -560,8 +561,6 @@ class Worker:
             payloads, self._pending_payloads = self._pending_payloads, {}
             self._settled(payloads)
         else:
-            # (Normally settled by now: the one before was written an interval ago.)
-            self._settle_checkpoint(wait=True, sync_commit=wait_for_commit)
             self._flush()  # predictions and dead letters acknowledged
             t_flushed = time.monotonic()
             size = self._write_snapshots(due)
