@@ -8,7 +8,9 @@ same generated events for every contender:
 
 - floor: the same models over the same decoded events in a bare loop, in this process
   (with the worker's garbage-collector settings): what River itself costs — plus, for
-  the default features, the batch baseline's predict and window;
+  the default features, the batch baseline's predict and window. Twice: through River's
+  API (each of predict_proba_one and learn_one transforms the event), and transforming
+  each event once for both, as riverline does; overheads are against the second;
 - ceiling: a Kafka passthrough (consume, decode, produce, commit), no model;
 - riverline end to end (``riverline run --exit-when-idle``) per preset and guarantee, with
   its default features (batch baseline, drift detection) and with them off ("core");
@@ -16,7 +18,7 @@ same generated events for every contender:
 - the peer: the same job written the Quix Streams way (``bench/peer_quix.py``), in its
   own virtual environment;
 - latency: p50/p99 from the click's Kafka timestamp to the prediction's, at half the
-  measured maximum rate;
+  measured maximum rate, over ``--latency-runs`` runs (medians, pooled, and each run);
 - memory (``--memory-events``): RSS of a worker over a stream of distinct users.
 
 Every contender runs once per round (``--rounds``, default 5), so a slow spell of this
@@ -51,7 +53,7 @@ from worker.config import Settings  # noqa: E402
 from worker.events import EventCodec  # noqa: E402
 from worker.feed import ensure_topic  # noqa: E402
 from worker.loop import tune_gc  # noqa: E402
-from worker.models import make_model  # noqa: E402
+from worker.models import make_model, split_pipeline  # noqa: E402
 from worker.simulate import SimulationConfig, generate  # noqa: E402
 
 PEER_VENV = REPO / "bench" / ".venv-peer"
@@ -89,21 +91,35 @@ def produce(bs: str, topic: str, raws: list[bytes], keys: list[bytes]) -> None:
 
 
 def floor(
-    preset: str, decoded: list[tuple[dict[str, Any], Any]], baseline: bool = False
+    preset: str,
+    decoded: list[tuple[dict[str, Any], Any]],
+    baseline: bool = False,
+    once: bool = False,
 ) -> tuple[float, float]:
     """The models alone in a bare loop: the online model's predict then learn, and with
     ``baseline`` the batch baseline's predict and window too (the worker's default).
 
+    With ``once`` the online model's pipeline transforms each event once for both calls,
+    as the worker does (:func:`worker.models.split_pipeline`); without it, each call goes
+    through River's API and transforms the event again.
+
     Returns (events per second, CPU µs per event of this thread)."""
     model = make_model(preset, seed=0)
     batch = BatchBaseline(window=BASELINE_WINDOW, deploy_delay=BASELINE_DELAY) if baseline else None
+    split = split_pipeline(model) if once else None
+    transformers: tuple[Any, ...] = ()
+    if split is not None:
+        transformers, model = split
     started, cpu = time.perf_counter(), time.thread_time()
     for x, y in decoded:
-        model.predict_proba_one(x)
+        xm = x
+        for t in transformers:
+            xm = t.transform_one(xm)
+        model.predict_proba_one(xm)
         if batch is not None:
             batch.predict(x)
         if y is not None:
-            model.learn_one(x, y)
+            model.learn_one(xm, y)
             if batch is not None:
                 batch.observe(x, y)
     n = len(decoded)
@@ -112,13 +128,25 @@ def floor(
 
 def floors(
     preset: str, decoded: list[tuple[dict[str, Any], Any]], features: str
-) -> tuple[float, float, float]:
-    """(online model alone, the floor for ``features``, that floor's CPU µs per event)."""
-    online, online_cpu = floor(preset, decoded)
-    if features == "core":
-        return online, online, online_cpu
-    both, both_cpu = floor(preset, decoded, baseline=True)
-    return online, both, both_cpu
+) -> dict[str, float]:
+    """The floors of one configuration, as events/s (``*_cpu``: CPU µs per event):
+
+    - ``floor``: the models through River's API (the issue's floor);
+    - ``floor_once``: the same, the online pipeline transforming each event once;
+    - ``floor_online`` / ``floor_online_once``: the online model alone (no baseline).
+    """
+    out: dict[str, float] = {}
+    for once, suffix in ((False, ""), (True, "_once")):
+        online, online_cpu = floor(preset, decoded, once=once)
+        both, both_cpu = (
+            (online, online_cpu)
+            if features == "core"
+            else floor(preset, decoded, baseline=True, once=once)
+        )
+        out[f"floor_online{suffix}"] = online
+        out[f"floor{suffix}"] = both
+        out[f"floor{suffix}_cpu"] = both_cpu
+    return out
 
 
 class _ConstantModel:
@@ -616,7 +644,15 @@ def main() -> int:
             for guarantee in args.guarantees
             for features in ("default", "core")
         ]
-        keys = ("floor", "floor_online", "riverline", "rss", "cp", "floor_cpu", "loop_cpu", "wait")
+        floor_keys = (
+            "floor",
+            "floor_online",
+            "floor_once",
+            "floor_online_once",
+            "floor_cpu",
+            "floor_once_cpu",
+        )
+        keys = (*floor_keys, "riverline", "rss", "cp", "loop_cpu", "wait")
         samples: dict[tuple[str, str, str], dict[str, list[float]]] = {
             c: {k: [] for k in keys} for c in configs
         }
@@ -635,9 +671,11 @@ def main() -> int:
                 before = floors(preset, decoded, features)
                 rl = riverline(bs, topic, extra, f"{preset} {guarantee} {features}")
                 after = floors(preset, decoded, features)
-                for i, key in enumerate(("floor_online", "floor")):  # mean time per event
-                    smp[key].append(2 / (1 / before[i] + 1 / after[i]))
-                smp["floor_cpu"].append((before[2] + after[2]) / 2)
+                for key in floor_keys:
+                    if key.endswith("_cpu"):  # mean CPU per event
+                        smp[key].append((before[key] + after[key]) / 2)
+                    else:  # mean time per event
+                        smp[key].append(2 / (1 / before[key] + 1 / after[key]))
                 smp["riverline"].append(rl["rate"])
                 smp["loop_cpu"].append(rl["loop_cpu_seconds"] / rl["messages"] * 1e6)
                 smp["wait"].append(rl["deploy_wait_seconds"])
@@ -651,32 +689,44 @@ def main() -> int:
         rows = []
         for (preset, guarantee, features), smp in samples.items():
             fl, rl = median(smp["floor"]), median(smp["riverline"])
-            rounds_us = [
-                (1 / r - 1 / f) * 1e6 for r, f in zip(smp["riverline"], smp["floor"], strict=True)
-            ]
-            online = median(smp["floor_online"])
+            once = median(smp["floor_once"])
+
+            def per_round(floor_key: str, smp: dict[str, list[float]] = smp) -> list[float]:
+                return [
+                    (1 / r - 1 / f) * 1e6
+                    for r, f in zip(smp["riverline"], smp[floor_key], strict=True)
+                ]
+
+            rounds_us = per_round("floor_once")
             rows.append(
                 {
                     "preset": preset,
                     "guarantee": guarantee,
                     "features": features,
                     "floor": fl,
-                    "floor_online": online,
+                    "floor_once": once,
+                    "floor_online": median(smp["floor_online"]),
+                    "floor_online_once": median(smp["floor_online_once"]),
                     "riverline": rl,
                     "ratio_floor": rl / fl,
+                    "ratio_floor_once": rl / once,
                     "ratio_ceiling": rl / results["ceiling"],
-                    # Each round's riverline against that round's floor (measured just
-                    # before and after it), then the median: a slow spell of the machine
-                    # hits both sides of one difference, rather than one side of another.
+                    # What riverline adds on top of the least work the model needs (the
+                    # transform-once floor), each round's riverline against that round's
+                    # floor (measured just before and after it), then the median: a slow
+                    # spell of the machine hits both sides of one difference.
                     "overhead_us": median(rounds_us),
                     "overhead_rounds_us": rounds_us,
-                    # The same from the median rates (the headline up to run 7).
-                    "overhead_median_rates_us": (1 / rl - 1 / fl) * 1e6,
-                    "overhead_online_us": (1 / rl - 1 / online) * 1e6,
+                    # The issue's formula as written, against River's API floor: lower
+                    # than the above by the transform riverline saves (negative when the
+                    # saving is larger than everything riverline adds).
+                    "overhead_api_us": median(per_round("floor")),
+                    "overhead_online_us": median(per_round("floor_online_once")),
                     # The same difference in CPU time of the working thread: riverline's
                     # loop thread against the floor's, per event (preemption excluded).
                     "cpu_overhead_us": median(
-                        lc - fc for lc, fc in zip(smp["loop_cpu"], smp["floor_cpu"], strict=True)
+                        lc - fc
+                        for lc, fc in zip(smp["loop_cpu"], smp["floor_once_cpu"], strict=True)
                     ),
                     "deploy_wait_s": median(smp["wait"]),
                     "checkpoint_pct": median(smp["cp"]),
@@ -771,18 +821,25 @@ def render(r: dict[str, Any]) -> str:
         "",
         "Floor: the same models over the same decoded events in a bare loop, in the bench "
         "process — the online River model, plus for `default` the batch baseline (its "
-        "predict and window). Each round measures the floor just before and just after "
-        "riverline and takes the mean. Overhead = 1/riverline − 1/floor per event, each "
-        "round's riverline against that round's floor: the median of the rounds, the "
-        "rounds in brackets. The CPU column is the same difference in "
-        "CPU time of the working thread (riverline's loop thread against the floor's), "
+        "predict and window). Two floors: through River's API (`predict_proba_one` then "
+        "`learn_one`, each transforming the event: the floor as the issue defines it), and "
+        "transforming each event once for both calls, as riverline does (the least work "
+        "the model needs). Each round measures both just before and just after riverline "
+        "and takes the mean. Overhead = 1/riverline − 1/floor per event, each round's "
+        "riverline against that round's floor, the median of the rounds (the rounds in "
+        "brackets): against the transform-once floor, what riverline adds on top of the "
+        "model's least work; the column after it applies the formula to River's API floor "
+        "(lower by the transform riverline saves). The CPU column is the first difference "
+        "in CPU time of the working thread (riverline's loop thread against the floor's), "
         "which leaves out time the thread was preempted; the column after it charges the "
-        "baseline to riverline too (floor = the online model alone).",
+        "baseline to riverline too (floor = the online model alone, transforming once).",
         "",
-        "| model | guarantee | features | floor | riverline | riverline/floor "
-        "| overhead per event | CPU overhead per event | overhead vs online model alone "
+        "| model | guarantee | features | floor (River API) | floor (transform once) "
+        "| riverline | riverline/floor (API) | riverline/floor (once) "
+        "| overhead per event (vs once) | overhead vs API floor | CPU overhead per event "
+        "| overhead vs online model alone "
         "| riverline/ceiling | riverline/peer | checkpoint time | deploy wait | peak RSS |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     peers = r.get("peer", {})
     for row in r["runs"]:
@@ -791,8 +848,11 @@ def render(r: dict[str, Any]) -> str:
         rounds = ", ".join(f"{v:.1f}" for v in row.get("overhead_rounds_us", []))
         lines.append(
             f"| {row['preset']} | {row['guarantee']} | {row['features']} | {row['floor']:,.0f}/s "
+            f"| {row['floor_once']:,.0f}/s "
             f"| {row['riverline']:,.0f}/s | {row['ratio_floor']:.2f} "
+            f"| {row['ratio_floor_once']:.2f} "
             f"| {row['overhead_us']:.1f} µs ({rounds}) "
+            f"| {row['overhead_api_us']:.1f} µs "
             f"| {row.get('cpu_overhead_us', float('nan')):.1f} µs "
             f"| {row.get('overhead_online_us', row['overhead_us']):.1f} µs "
             f"| {row['ratio_ceiling']:.2f} | {vs_peer} | {row.get('checkpoint_pct', 0):.1f}% "

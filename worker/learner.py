@@ -24,6 +24,7 @@ from typing import Any
 from worker.baseline import BatchBaseline
 from worker.drift import ConceptDrift, DataDrift
 from worker.events import ClickEvent, Prediction
+from worker.models import split_pipeline
 from worker.scoring import PrequentialScores
 
 DRIFT_ACTIONS = ("none", "reset-online", "retrain-batch")
@@ -75,7 +76,7 @@ class PartitionLearner:
         self.topic = topic
         self.partition = partition
         self._version_prefix = f"{partition}:"  # model_version is "<partition>:<learned>"
-        self.model = model
+        self.model = model  # also sets the transform-once path (see the property)
         self.new_model = new_model  # for the reset-online drift action
         self.options = opts = options or LearnerOptions()
         self.scores = PrequentialScores(window=window, auc_thresholds=auc_thresholds)
@@ -126,6 +127,17 @@ class PartitionLearner:
         self.first_offset: int | None = None
 
     @property
+    def model(self) -> Any:
+        """The online model. Setting it also decides whether events are transformed once
+        for both of its calls (see :func:`~worker.models.split_pipeline`)."""
+        return self._model
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        self._model = model
+        self._split = split_pipeline(model)
+
+    @property
     def consumed(self) -> int:
         """Events taken from the partition: each is predicted or dead-lettered."""
         return self.predicted + sum(self.dead_lettered.values())
@@ -144,11 +156,21 @@ class PartitionLearner:
     def learn_event(self, event: ClickEvent, offset: int) -> Prediction:
         """:meth:`predict_learn` for an event the codec decoded (the worker's loop)."""
         x = event.x()
-        model = self.model
         version = f"{self._version_prefix}{self.learned}"
         y = event.clicked
+        split = self._split
+        if split is None:
+            model, xm = self._model, x
+        else:  # a pipeline of transformers that learn nothing: transform once for both
+            transformers, model = split
+            xm = x
+            try:
+                for t in transformers:
+                    xm = t.transform_one(xm)
+            except Exception as exc:
+                raise ModelError(f"predict_proba_one raised {type(exc).__name__}: {exc}") from exc
         try:
-            p = float(model.predict_proba_one(x).get(True, 0.0))
+            p = float(model.predict_proba_one(xm).get(True, 0.0))
         except Exception as exc:
             raise ModelError(f"predict_proba_one raised {type(exc).__name__}: {exc}") from exc
         if not 0.0 <= p <= 1.0:  # also catches NaN
@@ -157,7 +179,7 @@ class PartitionLearner:
         pb = baseline.predict(x) if baseline is not None else None
         if y is not None:
             try:
-                model.learn_one(x, y)
+                model.learn_one(xm, y)
             except Exception as exc:
                 raise ModelError(
                     f"learn_one raised {type(exc).__name__}: {exc}", during_learn=True

@@ -19,7 +19,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
-from river import compose, facto, linear_model, optim, preprocessing
+from river import base, compose, facto, linear_model, optim, preprocessing
 
 from worker.errors import ConfigError
 from worker.tokens import DEFAULT_CROSSES, ClickTokens
@@ -111,6 +111,41 @@ def model_factory(spec: str, seed: int = 0) -> Callable[[], Model]:
 
 def make_model(spec: str, seed: int = 0) -> Model:
     return model_factory(spec, seed)()
+
+
+def split_pipeline(model: Model) -> tuple[tuple[Any, ...], Any] | None:
+    """A pipeline's transformers and final classifier, when its transformers learn nothing.
+
+    Test-then-train through River's API transforms each event twice: once in
+    ``predict_proba_one``, once more in ``learn_one``. When every step before the last
+    is a transformer that learns nothing (its ``learn_one`` is River's no-op, as for
+    :class:`~worker.tokens.ClickTokens` and ``FeatureHasher``), both transforms give the
+    same features, so the worker transforms once and hands the result to the final
+    step's ``predict_proba_one`` and ``learn_one``: the same predictions and the same
+    weights, bit for bit, for about a third less work per event with the ``logreg``
+    preset. Any other model (a plug-in, a pipeline with a scaler that learns, a union)
+    returns None and goes through its own API.
+
+    >>> transformers, final = split_pipeline(make_model("logreg"))
+    >>> [type(t).__name__ for t in transformers], type(final).__name__
+    (['ClickTokens', 'FeatureHasher'], 'LogisticRegression')
+    >>> split_pipeline(compose.Pipeline(preprocessing.StandardScaler(),
+    ...                                 linear_model.LogisticRegression())) is None
+    True
+    """
+    if not isinstance(model, compose.Pipeline):
+        return None
+    steps = list(model.steps.values())
+    if len(steps) < 2 or not isinstance(steps[-1], base.Classifier):
+        return None
+    transformers = tuple(steps[:-1])
+    for t in transformers:
+        if (
+            not isinstance(t, base.Transformer)
+            or type(t).learn_one is not base.Transformer.learn_one
+        ):
+            return None
+    return transformers, steps[-1]
 
 
 def check_model(spec: str, factory: Callable[[], Any]) -> None:

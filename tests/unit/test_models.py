@@ -8,11 +8,11 @@ import pickle
 from typing import Any
 
 import pytest
-from river import base, compose, linear_model, preprocessing
+from river import base, compose, dummy, linear_model, preprocessing
 
 from tests.helpers import features_of
 from worker.errors import ConfigError
-from worker.models import PRESETS, check_model, model_factory
+from worker.models import PRESETS, check_model, model_factory, split_pipeline
 from worker.simulate import SimulationConfig, generate
 
 STREAM = list(generate(SimulationConfig(n_events=1200, seed=13, label_rate=0.8, scenario="none")))
@@ -170,3 +170,91 @@ def test_plugin_factory_is_called_with_the_seed() -> None:
     make = model_factory("tests.plugin_models:onehot_logreg", seed=4)
     check_model("tests.plugin_models:onehot_logreg", make)
     assert _run(make(), STREAM[:200]) == _run(make(), STREAM[:200])
+
+
+# -- transform once ------------------------------------------------------------------
+
+
+class _CountingTokens(base.Transformer):
+    """A stateless transformer that counts its transforms."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def transform_one(self, x: dict[str, Any]) -> dict[str, Any]:
+        self.calls += 1
+        return {k: str(v) for k, v in x.items()}
+
+
+def _learner_run(model: Any, events: list[dict[str, Any]]) -> list[float]:
+    from worker.events import ClickEvent
+    from worker.learner import PartitionLearner
+
+    learner = PartitionLearner("t", 0, model)
+    return [
+        learner.learn_event(ClickEvent.from_dict(ev), offset).click_probability
+        for offset, ev in enumerate(events)
+    ]
+
+
+def test_the_worker_predicts_and_learns_as_the_river_api_does(preset: str) -> None:
+    """Transforming once for both calls changes nothing: the same probabilities and the
+    same learned state, bit for bit, as predict_proba_one then learn_one."""
+    factory = model_factory(preset, seed=3)
+    api, worker = factory(), factory()
+    assert split_pipeline(worker) is not None  # the presets take the transform-once path
+    assert _learner_run(worker, STREAM) == _run(api, STREAM)
+    # The learned state is the final step's (the transformers learn nothing).
+    assert pickle.dumps(list(worker.steps.values())[-1]) == pickle.dumps(
+        list(api.steps.values())[-1]
+    )
+
+
+def test_a_pipeline_of_stateless_transformers_is_transformed_once_per_event() -> None:
+    tokens = _CountingTokens()
+    model = compose.Pipeline(
+        tokens,
+        preprocessing.FeatureHasher(n_features=2**10, seed=0),
+        linear_model.LogisticRegression(),
+    )
+    events = STREAM[:100]
+    labelled = sum(ev["clicked"] is not None for ev in events)
+    _learner_run(model, events)
+    assert tokens.calls == len(events)
+    _run(model, events)  # River's API: once more for every labelled event
+    assert tokens.calls == 2 * len(events) + labelled
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        # A scaler learns in learn_one: its transform at predict time differs from the one
+        # at learn time, so the model must go through its own API.
+        compose.Pipeline(
+            compose.Select("score"),
+            preprocessing.StandardScaler(),
+            linear_model.LogisticRegression(),
+        ),
+        dummy.PriorClassifier(),  # not a pipeline
+    ],
+    ids=["learning-transformer", "bare-classifier"],
+)
+def test_other_models_keep_their_own_api(model: Any) -> None:
+    assert split_pipeline(model) is None
+    numeric = [
+        {**ev, "features": {"score": float(ev["features"].get("position", 0))}} for ev in STREAM
+    ]
+    api = pickle.loads(pickle.dumps(model))
+    assert _learner_run(model, numeric) == _run(api, numeric)
+
+
+def test_replacing_the_model_replaces_the_transform_once_path() -> None:
+    from worker.learner import PartitionLearner
+
+    learner = PartitionLearner("t", 0, model_factory("logreg")())
+    fresh = model_factory("fm")()
+    learner.model = fresh  # as the reset-online drift action does
+    assert learner.model is fresh
+    assert learner._split is not None and learner._split[1] is fresh.steps["FMClassifier"]
+    learner.model = linear_model.LogisticRegression()
+    assert learner._split is None
