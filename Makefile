@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest demo evaluate bench venv promtool broker-start broker-stop broker-status clean
+.PHONY: test lint typecheck pytest demo evaluate bench bench-instructions venv promtool broker-start broker-stop broker-status clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,9 @@ demo: venv
 
 bench: venv
 	$(BIN)/python bench/run.py
+
+bench-instructions: venv
+	$(BIN)/python bench/instructions.py
 
 evaluate: venv
 	$(BIN)/riverline evaluate --out-dir bench/evaluation/abrupt

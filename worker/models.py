@@ -123,8 +123,10 @@ def split_pipeline(model: Model) -> tuple[tuple[Any, ...], Any] | None:
     same features, so the worker transforms once and hands the result to the final
     step's ``predict_proba_one`` and ``learn_one``: the same predictions and the same
     weights, bit for bit, for about a third less work per event with the ``logreg``
-    preset. Any other model (a plug-in, a pipeline with a scaler that learns, a union)
-    returns None and goes through its own API.
+    preset (a plug-in pipeline of such transformers gets it too; the final step is
+    handed the same dict in both calls, and River's classifiers do not change their
+    input). Any other model (not a pipeline, a pipeline with a transformer that learns,
+    such as a scaler, or a union) returns None and goes through its own API.
 
     >>> transformers, final = split_pipeline(make_model("logreg"))
     >>> [type(t).__name__ for t in transformers], type(final).__name__
