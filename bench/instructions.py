@@ -57,26 +57,15 @@ def child(mode: str, n: int) -> None:
 
     from worker.events import EventCodec
     from worker.loop import tune_gc
-    from worker.models import make_model, split_pipeline
 
     codec = EventCodec.load()
     decoded = [(ev.x(), ev.clicked) for ev in map(codec.decode, map(orjson.dumps, _events(n)))]
     tune_gc(preload_baseline=True)
     if mode == "setup":
         return
-    model = make_model("logreg", seed=0)
-    transformers: tuple[Any, ...] = ()
-    if mode == "floor-once":
-        split = split_pipeline(model)
-        assert split is not None
-        transformers, model = split
-    for x, y in decoded:
-        xm = x
-        for t in transformers:
-            xm = t.transform_one(xm)
-        model.predict_proba_one(xm)
-        if y is not None:
-            model.learn_one(xm, y)
+    import run as timed  # bench/run.py: the same floor as the timed benchmark's
+
+    timed.floor("logreg", decoded, once=mode == "floor-once")
 
 
 def counted(cmd: list[str], env: dict[str, str] | None = None) -> int:
@@ -92,7 +81,9 @@ def counted(cmd: list[str], env: dict[str, str] | None = None) -> int:
                 *cmd,
             ],
             cwd=REPO,
-            env={**os.environ, **(env or {}), "OPENBLAS_NUM_THREADS": "1"},
+            # One BLAS thread (an idle one spins, and its spinning would be counted) and
+            # a fixed hash seed (dict layouts, hence probe counts, vary with it: ±0.5 %).
+            env={**os.environ, **(env or {}), "OPENBLAS_NUM_THREADS": "1", "PYTHONHASHSEED": "0"},
             capture_output=True,
             text=True,
         )
