@@ -595,6 +595,8 @@ def main() -> int:
     )
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
+    if args.latency_runs < 1:
+        ap.error(f"--latency-runs must be at least 1, got {args.latency_runs}")
 
     bs, broker = bootstrap()
     results: dict[str, Any] = {"events": args.events, "machine": os.uname().nodename}
