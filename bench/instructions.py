@@ -8,7 +8,10 @@ days; the number of instructions a program executes does not. This counts them, 
 `logreg` preset at-least-once, on the real broker (``KAFKA_BOOTSTRAP_SERVERS``, else a
 local broker it starts):
 
-- floor (River's API): the model over decoded events in a bare loop, predict then learn;
+- floor (River's API): the model over decoded events in a bare loop, predict then learn
+  (with ``--features default``, the batch baseline's predict and window too; its first
+  model is deployed at the 20,000th event, so count past it, e.g. ``--small 25000
+  --large 40000``, to include its predictions);
 - floor (transform once): the same, each event transformed once, as the worker does;
 - riverline: ``riverline run`` end to end, every thread of the process (the Kafka
   client's included), with periodic checkpoints off (they are timed, and under valgrind
@@ -51,8 +54,10 @@ def _events(n: int) -> list[dict[str, Any]]:
     return list(generate(config))
 
 
-def child(mode: str, n: int) -> None:
-    """Run in the process valgrind watches: set up ``n`` events, then ``mode`` over them."""
+def child(mode: str, n: int, features: str) -> None:
+    """Run in the process valgrind watches: set up ``n`` events, then ``mode`` over them
+    (for the ``default`` features, the floor includes the batch baseline, as in
+    ``bench/run.py``)."""
     import orjson
 
     from worker.events import EventCodec
@@ -65,7 +70,7 @@ def child(mode: str, n: int) -> None:
         return
     import run as timed  # bench/run.py: the same floor as the timed benchmark's
 
-    timed.floor("logreg", decoded, once=mode == "floor-once")
+    timed.floor("logreg", decoded, baseline=features == "default", once=mode == "floor-once")
 
 
 def counted(cmd: list[str], env: dict[str, str] | None = None) -> int:
@@ -129,7 +134,7 @@ def main() -> int:
     ap.add_argument("--child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]))
+        child(args.child[0], int(args.child[1]), args.features)
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind (or your OS's)")
@@ -138,7 +143,7 @@ def main() -> int:
     import run as timed  # bench/run.py
 
     sizes = (args.small, args.large)
-    here = [sys.executable, str(Path(__file__).resolve()), "--child"]
+    here = [sys.executable, str(Path(__file__).resolve()), "--features", args.features, "--child"]
 
     def floor(mode: str) -> tuple[int, int]:
         counts = [counted([*here, mode, str(n)]) for n in sizes]
