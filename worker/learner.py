@@ -159,17 +159,13 @@ class PartitionLearner:
         version = f"{self._version_prefix}{self.learned}"
         y = event.clicked
         split = self._split
-        if split is None:
-            model, xm = self._model, x
-        else:  # a pipeline of transformers that learn nothing: transform once for both
-            transformers, model = split
-            xm = x
-            try:
-                for t in transformers:
-                    xm = t.transform_one(xm)
-            except Exception as exc:
-                raise ModelError(f"predict_proba_one raised {type(exc).__name__}: {exc}") from exc
+        # With a pipeline of transformers that learn nothing, x is transformed once here
+        # and the final step gets the result in both calls (see split_pipeline).
+        transformers, model = ((), self._model) if split is None else split
+        xm = x
         try:
+            for t in transformers:
+                xm = t.transform_one(xm)
             p = float(model.predict_proba_one(xm).get(True, 0.0))
         except Exception as exc:
             raise ModelError(f"predict_proba_one raised {type(exc).__name__}: {exc}") from exc

@@ -102,7 +102,6 @@ class Worker:
         # Exactly-once rewinds to these: per partition, the last committed snapshot
         # (payload or None for "fresh model") and the input offset it reflects.
         self._committed: dict[int, tuple[bytes | None, int | None]] = {}
-        self._pending_payloads: dict[int, tuple[bytes, int]] = {}
         # Events whose learn_one raised: (partition, offset) -> error. Replays dead-letter
         # them instead of learning from them again.
         self._poisoned: dict[tuple[int, int], str] = {}
@@ -493,9 +492,13 @@ class Worker:
                 waited,
             )
 
-    def _write_snapshots(self, due: list[PartitionLearner]) -> int:
-        """Produce a snapshot of each learner; return the bytes written."""
+    def _write_snapshots(
+        self, due: list[PartitionLearner]
+    ) -> tuple[int, dict[int, tuple[bytes, int]]]:
+        """Produce a snapshot of each learner; return the bytes written, and per
+        partition the payload and its offset (the rewind point once it is durable)."""
         total = 0
+        payloads: dict[int, tuple[bytes, int]] = {}
         producer = self.snapshot_producer
         if producer is None:  # exactly-once: the transaction's producer
             producer = self.producer
@@ -508,8 +511,8 @@ class Worker:
                 self._produce(self.store.state_topic, value, key, None, state_partition, producer)
             lr.snapshot_bytes = manifest.size
             total += manifest.size
-            self._pending_payloads[lr.partition] = (payload, lr.next_offset)
-        return total
+            payloads[lr.partition] = (payload, lr.next_offset)
+        return total, payloads
 
     def _checkpoint(self, wait_for_commit: bool = True) -> None:
         """Snapshot every changed learner and commit the offsets they reflect.
@@ -547,7 +550,7 @@ class Worker:
             if not self._in_txn:  # e.g. a revocation right after a commit
                 self._txn_call("begin_transaction", self.producer.begin_transaction)
                 self._in_txn = True
-            self._write_snapshots(due)
+            _, payloads = self._write_snapshots(due)
             try:
                 self.producer.send_offsets_to_transaction(
                     offsets, self.consumer.consumer_group_metadata(), TXN_TIMEOUT
@@ -558,14 +561,12 @@ class Worker:
                 return
             for lr in due:
                 lr.committed_offset = lr.next_offset
-            payloads, self._pending_payloads = self._pending_payloads, {}
             self._settled(payloads)
         else:
             self._flush()  # predictions and dead letters acknowledged
             t_flushed = time.monotonic()
-            size = self._write_snapshots(due)
-            self._unsettled = (offsets, self._pending_payloads)
-            self._pending_payloads = {}
+            size, payloads = self._write_snapshots(due)
+            self._unsettled = (offsets, payloads)
             self._settle_checkpoint(wait=wait_for_commit)
         for lr in due:
             lr.snapshot_offset = lr.next_offset
@@ -664,7 +665,6 @@ class Worker:
         self._in_txn = False
         self._delivery_error = None
         self.stats.aborts += 1
-        self._pending_payloads = {}
         for lr in list(self.stats.learners.values()):
             self._rewind_partition(lr)
 
