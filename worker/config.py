@@ -112,7 +112,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "data_drift_features",
         "",
-        "comma-separated features to watch for data drift (default: the 8 most frequent)",
+        "comma-separated features to watch for data drift (default: the event's 8 most "
+        "frequent `features`; `user_id` and `item_id` only when named)",
     ),
     Option("max_event_bytes", 65536, "larger events are dead-lettered as oversized", int),
     Option(

@@ -191,7 +191,8 @@ class PartitionLearner:
             if self.drift is not None and self.drift.update((p - y) ** 2):
                 self._on_drift()
         if self.data_drift is not None:
-            self.data_drift.add(x, y, p)
+            # x's first items are the event's features; ClickEvent.x() appended the ids.
+            self.data_drift.add(x, y, p, len(x) - 2)
         self.predicted += 1
         return Prediction(
             event.event_id,

@@ -5,6 +5,7 @@ The figures asserted here are the ones the README documents.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from functools import cache
@@ -106,8 +107,17 @@ def test_retrain_batch_action_retrains_at_the_alarm() -> None:
 
 def test_data_drift_rises_for_the_shifted_feature_only() -> None:
     psi_after = run("abrupt", 1).psi
+    # The event's own features are watched by default; the ids only when named (below).
+    assert set(psi_after) == {
+        "device",
+        "position",
+        "category",
+        "hour",
+        "__label__",
+        "__prediction__",
+    }
     assert psi_after["device"] > 0.25
-    for name in ("category", "position", "user_id", "item_id"):
+    for name in ("category", "position"):
         assert psi_after[name] < 0.1, f"{name}: {psi_after[name]:.3f}"
     # On a stationary stream every feature and the label stay low. (The prediction's
     # distribution is not asserted: it keeps sharpening while the model learns.)
@@ -178,3 +188,22 @@ def test_full_learner_state_survives_a_snapshot_exactly() -> None:
     assert restored.baseline.coef == straight.baseline.coef
     assert restored.data_drift is not None and straight.data_drift is not None
     assert restored.data_drift.scores == straight.data_drift.scores
+
+
+def test_ids_are_watched_when_named_and_change_nothing_else() -> None:
+    cfg = SimulationConfig(
+        n_events=N_EVENTS, seed=1, scenario="abrupt", drift_at=DRIFT_AT, label_rate=1.0
+    )
+    named = evaluate(
+        encoded(generate(cfg)),
+        options=dataclasses.replace(OPTIONS, data_drift_features=("device", "user_id", "item_id")),
+        drift_point=cfg.drift_point,
+        every=1000,
+    ).psi
+    assert set(named) == {"device", "user_id", "item_id", "__label__", "__prediction__"}
+    for name in ("user_id", "item_id"):
+        assert named[name] < 0.1, f"{name}: {named[name]:.3f}"
+    # Counting the ids too leaves the other features' histograms as they were.
+    default = run("abrupt", 1).psi
+    assert named["device"] == default["device"] > 0.25
+    assert named["__label__"] == default["__label__"]

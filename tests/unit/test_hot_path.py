@@ -130,8 +130,53 @@ def test_adwin_alarms_equal_asking_adwin_each_time() -> None:
         losses += [min(1.0, rng.random() * 2 * level) for _ in range(3000)]
     d = ConceptDrift("adwin", grace=500)
     got = [i for i, loss in enumerate(losses, start=1) if d.update(loss)]
+    assert d._step not in (None, False)  # ADWIN's compiled update, called directly
     assert got == _reference_alarms(losses, 500)
     assert len(got) >= 3  # the rises were seen (the test is not vacuous)
+
+
+def test_adwin_called_directly_pickles_and_goes_on_as_river_would() -> None:
+    """A detector snapshotted at any point, including right after a detection, goes on
+    with the same alarms, window and estimate as one never interrupted, and as River's
+    own ``update`` gives."""
+    rng = random.Random(9)
+    losses = []
+    for level in (0.1, 0.5, 0.1, 0.6):
+        losses += [min(1.0, rng.random() * 2 * level) for _ in range(2500)]
+    api = drift.ADWIN(delta=0.002)  # type: ignore[no-untyped-call]
+    direct = ConceptDrift("adwin", grace=0)
+    detections = []
+    for i, loss in enumerate(losses):
+        api.update(loss)
+        direct.update(loss)
+        assert direct.detector.drift_detected == api.drift_detected, i
+        if api.drift_detected:
+            detections.append(i)
+    assert len(detections) >= 2
+    assert (direct.detector.width, direct.estimate) == (api.width, api.estimation)
+
+    uninterrupted = ConceptDrift("adwin", grace=0)
+    resumed = ConceptDrift("adwin", grace=0)
+    cut = detections[0]  # pickled right after a detection: the next loss starts afresh
+    alarms: list[list[int]] = [[], []]
+    for i, loss in enumerate(losses):
+        if uninterrupted.update(loss):
+            alarms[0].append(i)
+        if resumed.update(loss):
+            alarms[1].append(i)
+        if i in (cut, cut + 1000):
+            payload = pickle.dumps(resumed)
+            assert b"update" not in payload  # the bound method is not pickled
+            resumed = pickle.loads(payload)
+    assert alarms[0] == alarms[1] and alarms[0]
+    assert resumed.estimate == uninterrupted.estimate
+
+
+def test_page_hinkley_keeps_rivers_api() -> None:
+    d = ConceptDrift("page-hinkley", grace=0)
+    alarms = [d.update(0.05) for _ in range(2000)] + [d.update(0.9) for _ in range(500)]
+    assert d._step is False
+    assert not any(alarms[:2000]) and any(alarms[2000:])
 
 
 # -- data drift ----------------------------------------------------------------------------------
@@ -433,3 +478,32 @@ def test_the_fit_process_runs_at_the_loops_priority() -> None:
     finally:
         pool.shutdown()
     assert child == os.nice(0)
+
+
+def test_data_drift_from_before_ids_were_left_out_stops_watching_them() -> None:
+    """A snapshot taken when the ids were watched by default restores without them:
+    they are no longer counted, so keeping them would show every id as "missing"."""
+    rng = random.Random(3)
+
+    def event(i: int) -> dict[str, Any]:
+        x: dict[str, Any] = {"device": rng.choice(["ios", "android"]), "hour": i % 24}
+        x["user_id"] = f"u{rng.randrange(50)}"  # as ClickEvent.x() appends them
+        x["item_id"] = f"i{rng.randrange(20)}"
+        return x
+
+    before = DataDrift(block=200)
+    for i in range(300):
+        before.add(event(i), True, 0.5)  # features=None: every item, as before
+    assert {"user_id", "item_id"} <= set(before.features)
+    state = dict(before.__dict__)
+    del state["_count_ids"]  # what an older riverline pickled
+    restored = DataDrift.__new__(DataDrift)
+    restored.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert set(restored.features) == {"device", "hour"}
+    assert not [pair for pair in restored._pairs if pair[0] in ("user_id", "item_id")]
+    for i in range(300, 700):
+        x = event(i)
+        restored.add(x, False, 0.5, len(x) - 2)
+    assert restored.blocks == 3
+    assert set(restored.scores) == {"device", "hour", "__label__", "__prediction__"}
+    assert all(math.isfinite(v) for v in restored.scores.values())
