@@ -188,7 +188,8 @@ class PartitionLearner:
                 self._batch_ps.append(pb)
             if baseline is not None and baseline.observe(x, y) and self.data_drift is not None:
                 self.data_drift.rebase()
-            if self.drift is not None and self.drift.update((p - y) ** 2):
+            # (e * e, not e ** 2: a float power is a call into libm's pow)
+            if self.drift is not None and self.drift.update((e := p - y) * e):
                 self._on_drift()
         if self.data_drift is not None:
             # x's first items are the event's features; ClickEvent.x() appended the ids.
