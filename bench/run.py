@@ -355,7 +355,9 @@ def latencies(bs: str, rate: float, seconds: float, n_users: int, runs: int) -> 
         one = latency(bs, rate, seconds, n_users, pooled)
         log(
             f"latency run {i + 1} of {runs} at {rate:,.0f}/s: p50 {one['p50_ms']} ms, "
-            f"p99 {one['p99_ms']} ms, max {one.get('max_ms')} ms"
+            f"p99 {one['p99_ms']} ms, max {one.get('max_ms')} ms (to the click's append: p99 "
+            f"{one.get('in_p99_ms')} ms; from it to the prediction's: p99 "
+            f"{one.get('worker_p99_ms')} ms)"
         )
         each.append(one)
     done = [r for r in each if r.get("p99_ms") is not None]
@@ -375,6 +377,9 @@ def latencies(bs: str, rate: float, seconds: float, n_users: int, runs: int) -> 
         "p99_ms": median(r["p99_ms"] for r in done),
         "p999_ms": median(r["p999_ms"] for r in done),
         "max_ms": max(r["max_ms"] for r in done),
+        "in_p99_ms": median(r["in_p99_ms"] for r in done),
+        "worker_p50_ms": median(r["worker_p50_ms"] for r in done),
+        "worker_p99_ms": median(r["worker_p99_ms"] for r in done),
         "pooled_p50_ms": pct(0.5),
         "pooled_p99_ms": pct(0.99),
         "pooled_p999_ms": pct(0.999),
@@ -387,20 +392,29 @@ def latency(
     bs: str, rate: float, seconds: float, n_users: int, pooled: list[int] | None = None
 ) -> dict[str, Any]:
     """Clicks produced at ``rate``; latency = the broker's append time of the prediction
-    minus the click's create time (both from the same clock: this host). Each click's
-    latency is also appended to ``pooled`` when given."""
+    minus the click's create time, the time the load generator handed it to its
+    producer (both from the same clock: this host). Each click's latency is also
+    appended to ``pooled`` when given.
+
+    Both topics stamp the broker's append time (``LogAppendTime``), so each click's
+    latency splits in two: **in** — from its creation to the broker's append of the
+    click (the load generator's producer, its linger and the broker's write), and
+    **worker** — from that append to the append of its prediction (the worker's fetch,
+    its processing, its producer's linger and the broker's write of the prediction).
+    """
     topic = f"bench-lat-{uuid.uuid4().hex[:6]}"
     out = f"{topic}-pred"
-    ensure_topic(bs, topic, 1)
     # The prediction's time is when the broker appended it (LogAppendTime), so the
     # worker's producer batching (linger.ms) and the broker's write are counted too.
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     admin = AdminClient({"bootstrap.servers": bs})
+    append_time = {"message.timestamp.type": "LogAppendTime"}
     created = admin.create_topics(
-        [NewTopic(out, 1, -1, config={"message.timestamp.type": "LogAppendTime"})]
+        [NewTopic(topic, 1, -1, config=append_time), NewTopic(out, 1, -1, config=append_time)]
     )
-    created[out].result(30)
+    for future in created.values():
+        future.result(30)
     n = int(rate * seconds)
     # Generated and encoded before the worker starts: it runs with --exit-when-idle 4,
     # and generating 380,000 clicks after it joined took long enough that it sometimes
@@ -408,6 +422,7 @@ def latency(
     # so the producer (on the same 2 cores) costs as little as it can.
     events = list(generate(SimulationConfig(n_events=n, seed=3, scenario="none", n_users=n_users)))
     records = [(orjson.dumps(ev), ev["user_id"].encode()) for ev in events]
+    index_of = {ev["event_id"]: i for i, ev in enumerate(events)}
     group = f"bench-lat-{uuid.uuid4().hex[:6]}"
     from worker.broker import free_port
 
@@ -434,7 +449,10 @@ def latency(
     del events
     # linger.ms=1: batches of a few clicks rather than one request per click, which
     # would load the broker (on the same 2 cores) more than the worker does.
+    # Each click's creation time, by event id (matched to offsets when read back: an
+    # idempotent producer, which would keep the order, put ~300 ms on the p99 here).
     p = Producer({"bootstrap.servers": bs, "linger.ms": 1})
+    created_ms = [0] * n
     started = time.monotonic()
     sent = 0
     while sent < n:
@@ -446,6 +464,7 @@ def latency(
             except BufferError:
                 p.poll(0.01)
                 continue
+            created_ms[sent] = int(time.time() * 1000)
             sent += 1
         p.poll(0)
         time.sleep(0.0005)
@@ -462,7 +481,8 @@ def latency(
     c = Consumer(
         {"bootstrap.servers": bs, "group.id": f"{group}-read", "enable.auto.commit": False}
     )
-    sent_at: dict[int, int] = {}
+    sent_at: dict[int, int] = {}  # offset -> the broker's append time of the click
+    click_of: dict[int, int] = {}  # offset -> the click's index in created_ms
     got: dict[int, int] = {}
     for t, store in ((topic, sent_at), (out, got)):
         c.assign([TopicPartition(t, 0, 0)])
@@ -475,6 +495,7 @@ def latency(
                 pos = m.offset() + 1  # type: ignore[operator]
                 if t == topic:
                     store[m.offset()] = m.timestamp()[1]  # type: ignore[index]
+                    click_of[m.offset()] = index_of[orjson.loads(m.value())["event_id"]]  # type: ignore[index, arg-type]
                 else:
                     store[orjson.loads(m.value())["offset"]] = m.timestamp()[1]
     c.close()
@@ -482,8 +503,11 @@ def latency(
     lines = worker_log.readlines()
     worker_log.close()
     slow_lines = [ln.strip() for ln in lines if "slow" in ln or "WARNING" in ln]
-    in_order = [got[o] - sent_at[o] for o in sorted(got) if o in sent_at]
+    matched = [o for o in sorted(got) if o in sent_at]
+    in_order = [got[o] - created_ms[click_of[o]] for o in matched]
     lat = sorted(in_order)
+    ingest = sorted(sent_at[o] - created_ms[click_of[o]] for o in matched)
+    in_worker = sorted(got[o] - sent_at[o] for o in matched)
     if pooled is not None:
         pooled.extend(lat)
     if not lat:
@@ -502,6 +526,14 @@ def latency(
         "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
         "p999_ms": lat[min(len(lat) - 1, int(len(lat) * 0.999))],
         "max_ms": lat[-1],
+        # The two parts (see the docstring): to the click's append, and from it to the
+        # prediction's append.
+        "in_p50_ms": ingest[len(ingest) // 2],
+        "in_p99_ms": ingest[min(len(ingest) - 1, int(len(ingest) * 0.99))],
+        "in_max_ms": ingest[-1],
+        "worker_p50_ms": in_worker[len(in_worker) // 2],
+        "worker_p99_ms": in_worker[min(len(in_worker) - 1, int(len(in_worker) * 0.99))],
+        "worker_max_ms": in_worker[-1],
         # Where the slow ones are: the worst latency in each second of the run.
         "max_ms_by_second": [
             max(in_order[int(i * rate) : int((i + 1) * rate)], default=0)
@@ -790,6 +822,14 @@ def render_latency(lat: dict[str, Any]) -> str:
             f"p50 {lat['pooled_p50_ms']} ms, p99 {lat['pooled_p99_ms']} ms, p99.9 "
             f"{lat['pooled_p999_ms']} ms."
         )
+        if lat.get("worker_p99_ms") is not None:
+            head += (
+                f" Split at the broker's append of the click: before it (the load "
+                f"generator's producer and the broker) median p99 {lat['in_p99_ms']} ms; "
+                f"after it (the worker's fetch, work and producer, and the broker's write "
+                f"of the prediction) median p50 {lat['worker_p50_ms']} ms, p99 "
+                f"{lat['worker_p99_ms']} ms."
+            )
     else:
         head += (
             f": p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, p99.9 "
@@ -802,7 +842,15 @@ def render_latency(lat: dict[str, Any]) -> str:
         lines.append(
             (f"- run {i}: " if len(runs) > 1 else "")
             + f"p50 {one['p50_ms']} ms, p99 {one['p99_ms']} ms, p99.9 {one['p999_ms']} ms, "
-            f"max {one['max_ms']} ms; the slowest click of each second: "
+            f"max {one['max_ms']} ms"
+            + (
+                f" (before the click's append p99 {one['in_p99_ms']} ms, max "
+                f"{one['in_max_ms']} ms; after it p99 {one['worker_p99_ms']} ms, max "
+                f"{one['worker_max_ms']} ms)"
+                if "worker_p99_ms" in one
+                else ""
+            )
+            + "; the slowest click of each second: "
             + ", ".join(str(v) for v in one.get("max_ms_by_second", []))
             + " ms."
             + (
