@@ -543,6 +543,8 @@ def latency(
         "deploy_wait_s": report.get("deploy_wait_seconds"),
         "checkpoints": report.get("checkpoints"),
         "checkpoint_s": report.get("checkpoint_seconds"),
+        # The worker's slowest loop iterations: its own work (CPU near wall) or waiting.
+        "slowest_iterations": (report.get("slowest_iterations") or [])[:5],
         "max_ms_by_100ms_first_3s": [
             max(in_order[int(i * rate / 10) : int((i + 1) * rate / 10)], default=0)
             for i in range(30)
@@ -858,6 +860,17 @@ def render_latency(lat: dict[str, Any]) -> str:
                 f"checkpointed {cps} times "
                 f"({1000 * one['checkpoint_s'] / max(1, cps):.0f} ms each)."
                 if waited is not None and cps is not None
+                else ""
+            )
+            + (
+                " The loop's slowest iterations (wall / CPU, when): "
+                + ", ".join(
+                    f"{it['wall_ms']:.0f} / {it['cpu_ms']:.0f} ms at {it['at_s']:.1f} s"
+                    + (" (checkpoint)" if it["checkpoint"] else "")
+                    for it in one["slowest_iterations"]
+                )
+                + "."
+                if one.get("slowest_iterations")
                 else ""
             )
         )

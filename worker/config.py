@@ -162,7 +162,12 @@ OPTIONS: tuple[Option, ...] = (
         choices=("earliest", "latest"),
     ),
     Option("kafka_config", None, "file of librdkafka properties (key=value), e.g. SASL/SSL"),
-    Option("report_file", None, "at exit, write a JSON summary (messages, seconds, rate, RSS)"),
+    Option(
+        "report_file",
+        None,
+        "at exit, write a JSON summary (messages, seconds, rate, RSS, the loop's slowest "
+        "iterations)",
+    ),
     Option(
         "create_topics",
         "true",

@@ -146,6 +146,8 @@ class Worker:
                 if lr.baseline is not None
             ),
             "peak_rss_bytes": peak_rss(),
+            # The loop's slowest iterations (10 ms or more), the slowest first.
+            "slowest_iterations": st.slowest.as_list(),
         }
 
     def request_stop(self) -> None:
@@ -222,6 +224,9 @@ class Worker:
             if not msgs:
                 msgs = consumer.consume(1, timeout=0.1)
             now = time.monotonic()
+            # The iteration is timed from here (after the poll, which may wait for a
+            # message) to its checkpoint's end: see SlowestIterations.
+            began, began_cpu, checkpointed = now, time.thread_time(), False
             stats.beat()
             if msgs:
                 if stats.first_batch_at is None:
@@ -250,6 +255,16 @@ class Worker:
             ):
                 self._checkpoint(wait_for_commit=False)
                 next_checkpoint = time.monotonic() + s.commit_interval
+                checkpointed = True
+            took = time.monotonic() - began
+            if took >= stats.slowest.threshold and stats.first_batch_at is not None:
+                stats.slowest.note(
+                    took,
+                    time.thread_time() - began_cpu,
+                    began - stats.first_batch_at,
+                    len(msgs),
+                    checkpointed,
+                )
             if not stats.started or self._assigned_at > last_event:
                 last_event = now  # idle time counts from the last (re)assignment
             elif idle_limit and now - last_event >= idle_limit:

@@ -9,6 +9,7 @@ liveness probe (the loop polled recently), ``/ready`` the readiness probe.
 from __future__ import annotations
 
 import bisect
+import heapq
 import logging
 import math
 import platform
@@ -59,6 +60,48 @@ class Histogram:
         return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=self.total)
 
 
+class SlowestIterations:
+    """The ``keep`` slowest iterations of the worker's loop that took ``threshold``
+    seconds or more: wall time, the loop thread's CPU time, when (seconds after the
+    first batch), messages processed and whether it checkpointed. An iteration whose
+    CPU time is near its wall time was riverline's own work; one far below it waited
+    (the Kafka client, a lock) or was preempted. For ``--report-file``.
+
+    >>> slow = SlowestIterations(keep=2, threshold=0.01)
+    >>> for wall in (0.005, 0.03, 0.02, 0.05):
+    ...     slow.note(wall, wall / 2, at=1.0, messages=500, checkpoint=False)
+    >>> [it["wall_ms"] for it in slow.as_list()]
+    [50.0, 30.0]
+    """
+
+    def __init__(self, keep: int = 20, threshold: float = 0.01) -> None:
+        self.keep = keep
+        self.threshold = threshold
+        self._heap: list[tuple[float, float, float, int, bool]] = []  # the fastest first
+
+    def note(self, wall: float, cpu: float, at: float, messages: int, checkpoint: bool) -> None:
+        if wall < self.threshold:
+            return
+        entry = (wall, cpu, at, messages, checkpoint)
+        if len(self._heap) < self.keep:
+            heapq.heappush(self._heap, entry)
+        elif entry > self._heap[0]:
+            heapq.heapreplace(self._heap, entry)
+
+    def as_list(self) -> list[dict[str, Any]]:
+        """The slowest first."""
+        return [
+            {
+                "wall_ms": round(wall * 1000, 1),
+                "cpu_ms": round(cpu * 1000, 1),
+                "at_s": round(at, 2),
+                "messages": messages,
+                "checkpoint": checkpoint,
+            }
+            for wall, cpu, at, messages, checkpoint in sorted(self._heap, reverse=True)
+        ]
+
+
 class WorkerStats:
     """What the loop exposes to the collector and the probes (read from other threads)."""
 
@@ -82,6 +125,7 @@ class WorkerStats:
         self.aborts = 0
         self.snapshots_rejected = 0
         self.checkpoint_duration = Histogram(CHECKPOINT_BUCKETS)
+        self.slowest = SlowestIterations()
         self.stopping = False
 
     def beat(self) -> None:

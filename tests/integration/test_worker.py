@@ -347,6 +347,14 @@ def test_predictions_equal_a_bare_river_loop(
     assert report["rate"] == pytest.approx(len(events) / report["seconds"])
     assert 0 < report["loop_cpu_seconds"] <= report["seconds"] + 0.01
     assert report["deploy_wait_seconds"] == 0.0  # no fit in the background here
+    slowest = report["slowest_iterations"]  # the loop's iterations of 10 ms or more
+    assert len(slowest) <= 20
+    assert [it["wall_ms"] for it in slowest] == sorted(
+        (it["wall_ms"] for it in slowest), reverse=True
+    )
+    for it in slowest:
+        assert it["wall_ms"] >= 10.0 and 0.0 <= it["cpu_ms"] <= it["wall_ms"] + 1.0, it
+        assert 0 <= it["at_s"] <= report["seconds"] + 1.0 and it["messages"] >= 0, it
 
     # The worker's scores are River's, fed the same (label, probability) pairs.
     pairs = [

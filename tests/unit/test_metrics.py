@@ -3,11 +3,13 @@ for a value not known yet (None or NaN)."""
 
 from __future__ import annotations
 
+import random
+
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import featured_stats
-from worker.metrics import make_registry
+from worker.metrics import SlowestIterations, make_registry
 
 
 def _samples(stats: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -66,3 +68,24 @@ def test_values_not_known_yet_export_no_sample() -> None:
     learner.baseline = None  # --baseline-window 0
     names = {name for name, _ in _samples(stats)}
     assert not any(n.startswith("riverline_batch_") for n in names)
+
+
+def test_slowest_iterations_keeps_the_slowest_above_the_threshold() -> None:
+    rng = random.Random(5)
+    slow = SlowestIterations(keep=5, threshold=0.01)
+    noted = []
+    for i in range(500):
+        wall = rng.random() * 0.05
+        cpu = wall * rng.random()
+        slow.note(wall, cpu, at=i / 10, messages=i, checkpoint=i % 7 == 0)
+        noted.append((wall, cpu, i))
+    want = sorted((n for n in noted if n[0] >= 0.01), reverse=True)[:5]
+    got = slow.as_list()
+    assert [it["messages"] for it in got] == [i for _, _, i in want]
+    assert [it["wall_ms"] for it in got] == [round(w * 1000, 1) for w, _, _ in want]
+    assert [it["cpu_ms"] for it in got] == [round(c * 1000, 1) for _, c, _ in want]
+    assert [it["checkpoint"] for it in got] == [i % 7 == 0 for _, _, i in want]
+    assert SlowestIterations(threshold=0.01).as_list() == []
+    few = SlowestIterations(keep=5, threshold=0.01)
+    few.note(0.009, 0.009, at=0.0, messages=1, checkpoint=False)  # under the threshold
+    assert few.as_list() == []
