@@ -340,6 +340,16 @@ def peer(bs: str, topic: str, n: int, preset: str) -> dict[str, Any] | None:
     return result
 
 
+def percentile(ordered: list[int], q: float) -> int:
+    """The ``q`` quantile of an ascending list, as the bench has always taken it: the
+    value at index ``int(n * q)`` (the median is ``ordered[n // 2]``).
+
+    >>> percentile(list(range(1, 101)), 0.99), percentile([3, 5, 9], 0.5)
+    (100, 5)
+    """
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
 def latencies(bs: str, rate: float, seconds: float, n_users: int, runs: int) -> dict[str, Any]:
     """``runs`` latency runs (see :func:`latency`), each with a fresh worker and topics.
 
@@ -364,10 +374,6 @@ def latencies(bs: str, rate: float, seconds: float, n_users: int, runs: int) -> 
     if not done:
         return {"rate": rate, "p50_ms": None, "p99_ms": None, "n": 0, "runs": each}
     pooled.sort()
-
-    def pct(q: float) -> int:
-        return pooled[min(len(pooled) - 1, int(len(pooled) * q))]
-
     return {
         "rate": rate,
         "achieved_rate": median(r["achieved_rate"] for r in done),
@@ -380,9 +386,9 @@ def latencies(bs: str, rate: float, seconds: float, n_users: int, runs: int) -> 
         "in_p99_ms": median(r["in_p99_ms"] for r in done),
         "worker_p50_ms": median(r["worker_p50_ms"] for r in done),
         "worker_p99_ms": median(r["worker_p99_ms"] for r in done),
-        "pooled_p50_ms": pct(0.5),
-        "pooled_p99_ms": pct(0.99),
-        "pooled_p999_ms": pct(0.999),
+        "pooled_p50_ms": percentile(pooled, 0.5),
+        "pooled_p99_ms": percentile(pooled, 0.99),
+        "pooled_p999_ms": percentile(pooled, 0.999),
         "deploy_wait_s": max((r.get("deploy_wait_s") or 0.0) for r in done),
         "runs": each,
     }
@@ -522,17 +528,17 @@ def latency(
         "rate": rate,
         "achieved_rate": n / produced_in,
         "n": len(lat),
-        "p50_ms": lat[len(lat) // 2],
-        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-        "p999_ms": lat[min(len(lat) - 1, int(len(lat) * 0.999))],
+        "p50_ms": percentile(lat, 0.5),
+        "p99_ms": percentile(lat, 0.99),
+        "p999_ms": percentile(lat, 0.999),
         "max_ms": lat[-1],
         # The two parts (see the docstring): to the click's append, and from it to the
         # prediction's append.
-        "in_p50_ms": ingest[len(ingest) // 2],
-        "in_p99_ms": ingest[min(len(ingest) - 1, int(len(ingest) * 0.99))],
+        "in_p50_ms": percentile(ingest, 0.5),
+        "in_p99_ms": percentile(ingest, 0.99),
         "in_max_ms": ingest[-1],
-        "worker_p50_ms": in_worker[len(in_worker) // 2],
-        "worker_p99_ms": in_worker[min(len(in_worker) - 1, int(len(in_worker) * 0.99))],
+        "worker_p50_ms": percentile(in_worker, 0.5),
+        "worker_p99_ms": percentile(in_worker, 0.99),
         "worker_max_ms": in_worker[-1],
         # Where the slow ones are: the worst latency in each second of the run.
         "max_ms_by_second": [

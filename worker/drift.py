@@ -209,7 +209,7 @@ class DataDrift:
         self.block = block
         self.configured = tuple(features)
         self.top_k = top_k
-        self._count_ids = self.watch_ids
+        self._count_ids = self.watch_ids  # watch_ids, kept for add() (per event)
         self._pairs: Counter[tuple[str, Any]] = Counter()  # (feature, value) -> events
         self._labels = [0, 0]  # events labelled False, True
         self._ps: list[float] = []  # the block's predictions
@@ -252,7 +252,7 @@ class DataDrift:
             for x, y, p in rows:  # fewer than a block: add() closes none
                 self.add(x, y, p)
         if "_count_ids" not in state:  # pickled before the ids were left out by default
-            self._count_ids = self.watch_ids
+            self._count_ids = self.watch_ids  # watch_ids, kept for add() (per event)
             if not self._count_ids:
                 self._forget_ids()
 
