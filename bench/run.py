@@ -29,6 +29,7 @@ Writes ``bench/results/<time>.md`` and ``.json`` and prints the table.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -458,6 +459,14 @@ def latency(
     # Each click's creation time, by event id (matched to offsets when read back: an
     # idempotent producer, which would keep the order, put ~300 ms on the p99 here).
     p = Producer({"bootstrap.servers": bs, "linger.ms": 1})
+    # Connected, and the topic's leader known, before the clock starts: a cold producer
+    # held the first clicks 30-70 ms (its connection and metadata request), and that
+    # burst, not the worker, set the latency of the run's first 150 ms.
+    p.list_topics(topic, timeout=30)
+    # The generator holds every click in memory: no collection may pause it mid-run (a
+    # pause sends the overdue clicks as one burst, stamped when they are sent).
+    gc.collect()
+    gc.freeze()
     created_ms = [0] * n
     started = time.monotonic()
     sent = 0
@@ -475,6 +484,7 @@ def latency(
         p.poll(0)
         time.sleep(0.0005)
     produced_in = time.monotonic() - started
+    gc.unfreeze()
     p.flush(60)
     worker.wait(timeout=120)
     # The worker's own account: a wait at the batch model's deploy point (a fit not

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool as BrokenExecutor
 from typing import Any
 
@@ -186,11 +187,35 @@ def fit_executor() -> Executor:
     return _EXECUTOR[0]
 
 
+_WARM_UP: list[Future[None]] = []
+
+
 def start_fit_process() -> None:
     """Start the fit process now (it imports scikit-learn, about a second), not at the
     first fit. Once: later calls find it started."""
     if not _EXECUTOR:
-        fit_executor().submit(_warm_up)
+        _WARM_UP.append(fit_executor().submit(_warm_up))
+
+
+def wait_fit_process(timeout: float) -> bool:
+    """Wait until the fit process has imported what it fits with; False if it has not
+    after ``timeout`` seconds (it goes on in the background) or was never started.
+
+    The worker calls this before it joins its group. Those imports take a second of
+    CPU on one core; while the first events of a partition arrived they competed with
+    the loop, the broker and the producers on this machine's two cores, and the first
+    150-200 ms of events waited 40-120 ms. A fit process that died is not waited for:
+    the first fit finds that out and fits in the loop (:func:`fit_result`).
+    """
+    if not _WARM_UP:
+        return False
+    try:
+        _WARM_UP[0].result(timeout=timeout)
+    except FutureTimeout:
+        return False
+    except Exception:  # noqa: BLE001 (the process died, or its imports failed)
+        return True  # nothing left to wait for
+    return True
 
 
 def _warm_up() -> None:

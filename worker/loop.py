@@ -40,7 +40,7 @@ from confluent_kafka import (
 )
 
 from worker import __version__
-from worker.batchfit import start_fit_process
+from worker.batchfit import start_fit_process, wait_fit_process
 from worker.config import Settings
 from worker.errors import RiverlineError
 from worker.events import (
@@ -66,6 +66,7 @@ from worker.snapshots import Restored, Signer, SnapshotError, SnapshotStore
 log = logging.getLogger(__name__)
 
 WATERMARK_INTERVAL = 1.0
+FIT_PROCESS_START_TIMEOUT = 30.0  # seconds the worker waits for its fit process at start
 TXN_TIMEOUT = 60.0
 _LOGGED_PER_REASON = 10  # dead letters logged one by one, then every 10,000th
 # librdkafka refuses to produce a record above message.max.bytes (default 1,000,000),
@@ -185,6 +186,16 @@ class Worker:
             self._txn_call("init_transactions", self.producer.init_transactions, TXN_TIMEOUT)
         else:
             self.snapshot_producer = Producer({**pconf, "linger.ms": 0})
+        if s.fits_in_background:
+            start_fit_process()  # unless `riverline run` started it already
+            # Its imports done before the first partition arrives, not beside its first
+            # events (see wait_fit_process).
+            if not wait_fit_process(FIT_PROCESS_START_TIMEOUT):
+                log.warning(
+                    "the baseline's fit process is still starting after %.0fs; joining "
+                    "the group without waiting for it",
+                    FIT_PROCESS_START_TIMEOUT,
+                )
         # Offset commits of the periodic checkpoints are asynchronous; their results
         # arrive here, inside consume() on this thread.
         self.consumer = Consumer({**consumer_config(s), "on_commit": self._on_commit})
@@ -195,8 +206,6 @@ class Worker:
             on_lost=self._on_lost,
         )
         opts = self.learner_options
-        if s.fits_in_background:
-            start_fit_process()  # unless `riverline run` started it already
         # The parent needs scikit-learn only when it fits in the loop itself.
         tune_gc(preload_baseline=opts.baseline_window > 0 and not opts.baseline_deploy_delay)
         try:
@@ -223,6 +232,10 @@ class Worker:
             msgs = consumer.consume(s.batch_size, timeout=0)
             if not msgs:
                 msgs = consumer.consume(1, timeout=0.1)
+                if msgs and s.batch_size > 1:
+                    # The rest of the fetch that woke it: one batch, not a batch of one
+                    # and then the rest (each poll batch has its own bookkeeping).
+                    msgs += consumer.consume(s.batch_size - 1, timeout=0)
             now = time.monotonic()
             # The iteration is timed from here (after the poll, which may wait for a
             # message) to its checkpoint's end: see SlowestIterations.

@@ -507,3 +507,34 @@ def test_data_drift_from_before_ids_were_left_out_stops_watching_them() -> None:
     assert restored.blocks == 3
     assert set(restored.scores) == {"device", "hour", "__label__", "__prediction__"}
     assert all(math.isfinite(v) for v in restored.scores.values())
+
+
+def test_the_worker_can_wait_for_the_fit_process_to_import_what_it_fits_with(
+    monkeypatch: Any,
+) -> None:
+    """``wait_fit_process`` returns once the fit process imported scikit-learn (the
+    worker calls it before joining its group), False when it is still importing after
+    the timeout or was never started, and does not wait for a process that died."""
+    import time
+
+    import worker.batchfit as batchfit
+    from worker.fitproc import FitProcess
+
+    pool = FitProcess()
+    monkeypatch.setattr(batchfit, "_EXECUTOR", [pool])
+    monkeypatch.setattr(batchfit, "_WARM_UP", [])
+    try:
+        assert batchfit.wait_fit_process(0.01) is False  # not started
+        batchfit._WARM_UP.append(pool.submit(batchfit._warm_up))
+        assert batchfit.wait_fit_process(120) is True
+        assert batchfit._WARM_UP[0].done() and batchfit._WARM_UP[0].exception() is None
+    finally:
+        pool.shutdown()
+
+    slow: Future[None] = Future()  # a warm-up still running
+    monkeypatch.setattr(batchfit, "_WARM_UP", [slow])
+    began = time.monotonic()
+    assert batchfit.wait_fit_process(0.2) is False
+    assert time.monotonic() - began >= 0.2
+    slow.set_exception(BrokenProcessPool("the fit process ended"))
+    assert batchfit.wait_fit_process(5) is True  # nothing left to wait for
