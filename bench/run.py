@@ -409,6 +409,11 @@ def latency(
     **worker** — from that append to the append of its prediction (the worker's fetch,
     its processing, its producer's linger and the broker's write of the prediction).
     """
+    # The page cache's dirty data written back before the clock starts, not during the
+    # run: the rounds before leave ~1 GB of the broker's logs to write, and while the
+    # kernel wrote back 1.5 GB the broker's appends stalled for 100-150 ms (p99 75 and
+    # 101 ms at 19,000 events/s, against 16-31 ms on a settled machine).
+    os.sync()
     topic = f"bench-lat-{uuid.uuid4().hex[:6]}"
     out = f"{topic}-pred"
     # The prediction's time is when the broker appended it (LogAppendTime), so the
@@ -630,7 +635,7 @@ def main() -> int:
     ap.add_argument(
         "--latency-runs",
         type=int,
-        default=3,
+        default=5,
         help="latency runs (medians of their percentiles are reported, and each run)",
     )
     ap.add_argument("--memory-events", type=int, default=0, help="e.g. 1000000 (slow)")
