@@ -410,9 +410,10 @@ def latency(
     its processing, its producer's linger and the broker's write of the prediction).
     """
     # The page cache's dirty data written back before the clock starts, not during the
-    # run: the rounds before leave ~1 GB of the broker's logs to write, and while the
-    # kernel wrote back 1.5 GB the broker's appends stalled for 100-150 ms (p99 75 and
-    # 101 ms at 19,000 events/s, against 16-31 ms on a settled machine).
+    # run: the rounds before leave ~1 GB of the broker's logs to write. In 3 alternating
+    # pairs of runs at 19,000 events/s, 1.5 GB left dirty just before gave p99 81, 54
+    # and 77 ms, the same written back first 133, 37 and 35 ms (the 133 a stall on the
+    # worker's side alone): a hint, not proof, and the sync costs nothing measured.
     os.sync()
     topic = f"bench-lat-{uuid.uuid4().hex[:6]}"
     out = f"{topic}-pred"
