@@ -14,6 +14,7 @@ import atexit
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool as BrokenExecutor
@@ -197,25 +198,31 @@ def start_fit_process() -> None:
         _WARM_UP.append(fit_executor().submit(_warm_up))
 
 
-def wait_fit_process(timeout: float) -> bool:
-    """Wait until the fit process has imported what it fits with; False if it has not
-    after ``timeout`` seconds (it goes on in the background) or was never started.
+def wait_fit_process(timeout: float, stop: Callable[[], bool] = lambda: False) -> bool:
+    """Wait until the fit process has imported what it fits with. True once it has, or
+    when there is nothing to wait for (started without :func:`start_fit_process`, or
+    dead: the first fit then finds that out and fits in the loop, see
+    :func:`fit_result`); False if it is still importing after ``timeout`` seconds, or
+    when ``stop()`` turns true (checked every 0.25 s).
 
     The worker calls this before it joins its group. Those imports take a second of
     CPU on one core; while the first events of a partition arrived they competed with
     the loop, the broker and the producers on this machine's two cores, and the first
-    150-200 ms of events waited 40-120 ms. A fit process that died is not waited for:
-    the first fit finds that out and fits in the loop (:func:`fit_result`).
+    150-200 ms of events waited 40-120 ms.
     """
     if not _WARM_UP:
-        return False
-    try:
-        _WARM_UP[0].result(timeout=timeout)
-    except FutureTimeout:
-        return False
-    except Exception:  # noqa: BLE001 (the process died, or its imports failed)
-        return True  # nothing left to wait for
-    return True
+        return True
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _WARM_UP[0].result(timeout=max(0.0, min(0.25, deadline - time.monotonic())))
+        except FutureTimeout:
+            if stop() or time.monotonic() >= deadline:
+                return False
+            continue
+        except Exception:  # noqa: BLE001 (the process died, or its imports failed)
+            return True
+        return True
 
 
 def _warm_up() -> None:

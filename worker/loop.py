@@ -190,7 +190,8 @@ class Worker:
             start_fit_process()  # unless `riverline run` started it already
             # Its imports done before the first partition arrives, not beside its first
             # events (see wait_fit_process).
-            if not wait_fit_process(FIT_PROCESS_START_TIMEOUT):
+            ready = wait_fit_process(FIT_PROCESS_START_TIMEOUT, stop=self._stop.is_set)
+            if not ready and not self._stop.is_set():
                 log.warning(
                     "the baseline's fit process is still starting after %.0fs; joining "
                     "the group without waiting for it",

@@ -513,8 +513,9 @@ def test_the_worker_can_wait_for_the_fit_process_to_import_what_it_fits_with(
     monkeypatch: Any,
 ) -> None:
     """``wait_fit_process`` returns once the fit process imported scikit-learn (the
-    worker calls it before joining its group), False when it is still importing after
-    the timeout or was never started, and does not wait for a process that died."""
+    worker calls it before joining its group); False when it is still importing after
+    the timeout or when told to stop; it does not wait for a process never warmed up
+    or dead."""
     import time
 
     import worker.batchfit as batchfit
@@ -524,7 +525,7 @@ def test_the_worker_can_wait_for_the_fit_process_to_import_what_it_fits_with(
     monkeypatch.setattr(batchfit, "_EXECUTOR", [pool])
     monkeypatch.setattr(batchfit, "_WARM_UP", [])
     try:
-        assert batchfit.wait_fit_process(0.01) is False  # not started
+        assert batchfit.wait_fit_process(0.01) is True  # no warm-up: nothing to wait for
         batchfit._WARM_UP.append(pool.submit(batchfit._warm_up))
         assert batchfit.wait_fit_process(120) is True
         assert batchfit._WARM_UP[0].done() and batchfit._WARM_UP[0].exception() is None
@@ -534,7 +535,10 @@ def test_the_worker_can_wait_for_the_fit_process_to_import_what_it_fits_with(
     slow: Future[None] = Future()  # a warm-up still running
     monkeypatch.setattr(batchfit, "_WARM_UP", [slow])
     began = time.monotonic()
-    assert batchfit.wait_fit_process(0.2) is False
-    assert time.monotonic() - began >= 0.2
+    assert batchfit.wait_fit_process(0.6) is False
+    assert time.monotonic() - began >= 0.6
+    began = time.monotonic()
+    assert batchfit.wait_fit_process(30, stop=lambda: True) is False  # a stop signal
+    assert time.monotonic() - began < 5
     slow.set_exception(BrokenProcessPool("the fit process ended"))
     assert batchfit.wait_fit_process(5) is True  # nothing left to wait for
