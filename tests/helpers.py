@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
+from worker.config import settings_from_mapping
 from worker.learner import LearnerOptions, PartitionLearner
+from worker.loop import Worker
 from worker.metrics import WorkerStats
 from worker.models import model_factory
 from worker.scoring import Scores
@@ -59,3 +61,20 @@ def features_of(event: dict[str, Any]) -> dict[str, Any]:
     x["user_id"] = event["user_id"]
     x["item_id"] = event["item_id"]
     return x
+
+
+def offline_worker(**options: str) -> Worker:
+    """A ``Worker`` for tests that put stand-ins in place of its Kafka clients: the
+    broker address is never contacted, snapshots are unsigned, no metrics server.
+    ``options`` are further settings (``guarantee="exactly-once"``, ...)."""
+    settings = settings_from_mapping(
+        {
+            "bootstrap_servers": "127.0.0.1:9",  # never contacted
+            "group_id": "g",
+            "metrics_address": "off",
+            "insecure_snapshots": "true",
+            **options,
+        },
+        env={},
+    )
+    return Worker(settings)

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from confluent_kafka import Message, TopicPartition
 
-from worker.config import settings_from_mapping
+from tests.helpers import offline_worker
 from worker.events import ClickEvent, Prediction
 from worker.learner import ModelError, PartitionLearner
 from worker.loop import Worker
@@ -61,19 +61,7 @@ class FailingLearner(PartitionLearner):
 
 
 def _worker(guarantee: str = "at-least-once") -> tuple[Worker, RecordingProducer]:
-    settings = settings_from_mapping(
-        {
-            "bootstrap_servers": "127.0.0.1:9",  # never contacted
-            "input_topic": TOPIC,
-            "output_topic": "predictions",
-            "group_id": "g",
-            "metrics_address": "off",
-            "insecure_snapshots": "true",
-            "guarantee": guarantee,
-        },
-        env={},
-    )
-    worker = Worker(settings)
+    worker = offline_worker(input_topic=TOPIC, output_topic="predictions", guarantee=guarantee)
     producer = RecordingProducer()
     worker.producer = producer  # type: ignore[assignment]
     worker.consumer = SeekingConsumer()  # type: ignore[assignment]

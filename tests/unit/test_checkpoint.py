@@ -13,7 +13,7 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
-from worker.config import settings_from_mapping
+from tests.helpers import offline_worker
 from worker.learner import PartitionLearner
 from worker.loop import Worker
 from worker.models import make_model
@@ -73,16 +73,7 @@ class CommittingConsumer:
 
 
 def _worker() -> tuple[Worker, PartitionLearner, HeldBackProducer, CommittingConsumer]:
-    settings = settings_from_mapping(
-        {
-            "bootstrap_servers": "127.0.0.1:9",  # never contacted
-            "group_id": "g",
-            "metrics_address": "off",
-            "insecure_snapshots": "true",
-        },
-        env={},
-    )
-    worker = Worker(settings)
+    worker = offline_worker()
     worker.producer = PredictionProducer()  # type: ignore[assignment]
     snapshots = HeldBackProducer()
     worker.snapshot_producer = snapshots  # type: ignore[assignment]
