@@ -351,6 +351,20 @@ def percentile(ordered: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+def windowed_max(values: list[int], per_window: float, windows: int) -> list[int]:
+    """The largest of each of the first ``windows`` windows of ``per_window`` values
+    (0 for an empty one): with clicks in the order sent at a fixed rate, the slowest
+    click of each second (``per_window`` = the rate) or of each 100 ms.
+
+    >>> windowed_max([5, 1, 7, 2, 9], 2, 4)
+    [5, 7, 9, 0]
+    """
+    return [
+        max(values[int(i * per_window) : int((i + 1) * per_window)], default=0)
+        for i in range(windows)
+    ]
+
+
 def latencies(bs: str, rate: float, seconds: float, n_users: int, runs: int) -> dict[str, Any]:
     """``runs`` latency runs (see :func:`latency`), each with a fresh worker and topics.
 
@@ -465,12 +479,12 @@ def latency(
     # Each click's creation time, by event id (matched to offsets when read back: an
     # idempotent producer, which would keep the order, put ~300 ms on the p99 here).
     p = Producer({"bootstrap.servers": bs, "linger.ms": 1})
-    # Connected, and the topic's leader known, before the clock starts: a cold producer
-    # held the first clicks 30-70 ms (its connection and metadata request), and that
-    # burst, not the worker, set the latency of the run's first 150 ms.
+    # Connected, and the topic's leader known, before the clock starts: the producer's
+    # connection and metadata request are not the worker's latency. (It did not remove
+    # the 30-70 ms the first clicks sometimes take to reach their append.)
     p.list_topics(topic, timeout=30)
-    # The generator holds every click in memory: no collection may pause it mid-run (a
-    # pause sends the overdue clicks as one burst, stamped when they are sent).
+    # A precaution: the generator holds every click in memory, and a collection
+    # mid-run would pause it and send the overdue clicks as one burst.
     gc.collect()
     gc.freeze()
     created_ms = [0] * n
@@ -557,20 +571,14 @@ def latency(
         "worker_p99_ms": percentile(in_worker, 0.99),
         "worker_max_ms": in_worker[-1],
         # Where the slow ones are: the worst latency in each second of the run.
-        "max_ms_by_second": [
-            max(in_order[int(i * rate) : int((i + 1) * rate)], default=0)
-            for i in range(int(seconds))
-        ],
+        "max_ms_by_second": windowed_max(in_order, rate, int(seconds)),
         "worker_log": slow_lines[:20],
         "deploy_wait_s": report.get("deploy_wait_seconds"),
         "checkpoints": report.get("checkpoints"),
         "checkpoint_s": report.get("checkpoint_seconds"),
         # The worker's slowest loop iterations: its own work (CPU near wall) or waiting.
         "slowest_iterations": (report.get("slowest_iterations") or [])[:5],
-        "max_ms_by_100ms_first_3s": [
-            max(in_order[int(i * rate / 10) : int((i + 1) * rate / 10)], default=0)
-            for i in range(30)
-        ],
+        "max_ms_by_100ms_first_3s": windowed_max(in_order, rate / 10, 30),
     }
 
 
