@@ -68,7 +68,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "exit_when_idle",
         0.0,
-        "stop cleanly after this many seconds without a new event (0: never)",
+        "stop cleanly after this many seconds without a new event, once every assigned "
+        "partition is read to its end and the broker answers (0: never)",
         float,
     ),
     Option(

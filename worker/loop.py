@@ -108,6 +108,9 @@ class Worker:
         self._poisoned: dict[tuple[int, int], str] = {}
         self._assigned_at = 0.0
         self._lost_at = 0.0
+        # Set when an --exit-when-idle check finds the broker not answering; the idle
+        # time then counts again from the first check that finds it back.
+        self._broker_unreachable = False
         self._dropped_deploy_wait = 0.0  # deploy waits of partitions no longer ours
         self._error_logged: dict[int, float] = {}
         self.consumer: Consumer | None = None
@@ -457,34 +460,56 @@ class Worker:
 
     def _input_exhausted(self) -> bool:
         """May ``--exit-when-idle`` stop now? Not while partitions lost in a session
-        timeout are not given back yet, nor while the broker does not answer: no event
-        can arrive then, but that is not the end of the input."""
+        timeout are not given back yet, nor while an assigned partition holds events
+        past this worker's position, nor while the broker does not answer: no event can
+        arrive then, but that is not the end of the input. After an outage the idle time
+        counts again from the first check that finds the broker back, so that producers
+        (and this consumer's fetcher) still in their reconnect backoff can catch up."""
         assert self.consumer is not None
         if self._lost_at > self._assigned_at:
             return False
         try:
             self.consumer.list_topics(self.settings.input_topic, timeout=5.0)
             for lr in list(self.stats.learners.values()):
-                if lr.next_offset is None and self._unread(lr.topic, lr.partition):
+                if self._unread(lr.topic, lr.partition):
                     return False
-        except KafkaException:
+        except KafkaException as e:
+            if not self._broker_unreachable:
+                log.info(
+                    "--exit-when-idle: the broker does not answer (%s); the idle time "
+                    "counts again once it does",
+                    describe(e.args[0]) if e.args else e,
+                )
+            self._broker_unreachable = True
+            return False
+        if self._broker_unreachable:
+            self._broker_unreachable = False
+            log.info("--exit-when-idle: the broker answers again; the idle time counts from now")
             return False
         return True
 
     def _unread(self, topic: str, partition: int) -> bool:
-        """Does a partition this worker has not read from yet hold events past where it
-        starts? (After a broker outage the fetcher may still be in its reconnect backoff
-        while the broker already answers: silence then is not the end of the input.)
-        Errs on the side of going on: a partition whose last record is a transaction
-        marker counts as unread until an event arrives."""
+        """Does an assigned partition hold events past this worker's position? (After a
+        broker outage the fetcher may still be in its reconnect backoff while the broker
+        already answers: silence then is not the end of the input.)
+
+        The position is the consumer's own, which steps over a transaction's commit
+        marker at the end of the partition. A partition not read from yet has no
+        position; it starts at its committed offset, else where ``auto.offset.reset``
+        says. That errs on the side of going on: a partition whose last record is a
+        transaction marker counts as unread until an event arrives."""
         assert self.consumer is not None
         tp = TopicPartition(topic, partition)
         low, high = self.consumer.get_watermark_offsets(tp, timeout=5.0)
-        (committed,) = self.consumer.committed([tp], timeout=5.0)
-        if committed.offset >= 0:
-            start = committed.offset
+        (position,) = self.consumer.position([tp])
+        if position.offset >= 0:
+            start = position.offset
         else:
-            start = high if self.settings.auto_offset_reset == "latest" else low
+            (committed,) = self.consumer.committed([tp], timeout=5.0)
+            if committed.offset >= 0:
+                start = committed.offset
+            else:
+                start = high if self.settings.auto_offset_reset == "latest" else low
         return bool(start < high)
 
     def _refresh_lag(self) -> None:

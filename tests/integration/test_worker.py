@@ -24,7 +24,8 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import jsonschema_rs
 import orjson
@@ -45,6 +46,7 @@ from tests.integration.processes import REPO, WorkerProcess, killed_at_exit, wor
 from worker.broker import free_port
 from worker.config import Settings, settings_from_mapping
 from worker.events import REASONS
+from worker.kafka import consumer_config
 from worker.learner import PartitionLearner
 from worker.loop import Worker
 from worker.metrics import MetricsServer
@@ -984,3 +986,67 @@ def test_metrics_endpoint_reports_the_run_and_passes_promtool(
     assert check.returncode == 0, (
         f"promtool check metrics failed:\n{check.stdout.decode()}{check.stderr.decode()}"
     )
+
+
+def test_idle_check_reads_the_real_consumers_position_and_steps_over_a_commit_marker(
+    kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    """What ``--exit-when-idle`` asks the broker before it stops, on a real consumer:
+
+    - a partition not read yet, with events, is unread;
+    - a partition read to its end is not, even when its last record is a transaction's
+      commit marker (the consumer's position steps over it; the last event's offset + 1
+      would not, and the worker would never stop);
+    - events appended past the position are unread before they are fetched: the state a
+      broker restart leaves while the fetcher is in its reconnect backoff.
+    """
+    topic = new_topic("idle", partitions=2)
+    txn = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"idle-{topic}"})
+    txn.init_transactions(30)
+    txn.begin_transaction()
+    for i in range(5):
+        txn.produce(topic, b"t%d" % i, partition=0)
+    txn.commit_transaction(30)
+    plain = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(5):
+        plain.produce(topic, b"p%d" % i, partition=1)
+    assert plain.flush(30) == 0
+
+    settings = _settings(kafka_bootstrap, (topic, f"{topic}-out", f"{topic}-dlq", f"{topic}-state"))
+    worker = Worker(settings)
+    consumer = Consumer(consumer_config(settings))
+    worker.consumer = consumer
+    try:
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in (0, 1)])
+        assert worker._unread(topic, 0) and worker._unread(topic, 1)
+        got: Counter[int] = Counter()
+        deadline = time.monotonic() + DEADLINE
+        while sum(got.values()) < 10:
+            assert time.monotonic() < deadline, f"only {dict(got)} consumed"
+            for m in consumer.consume(10, 0.5):
+                assert m.error() is None, m.error()
+                got[m.partition()] += 1
+        assert got == {0: 5, 1: 5}
+        # The transactional partition's high watermark is past the last event (the
+        # marker): the position, not the last offset + 1, must match it.
+        _low, high0 = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        assert high0 == 6
+        deadline = time.monotonic() + DEADLINE
+        while worker._unread(topic, 0):  # the position steps over the marker once fetched
+            assert time.monotonic() < deadline, consumer.position([TopicPartition(topic, 0)])
+            consumer.consume(10, 0.2)
+        assert not worker._unread(topic, 1)
+        # The idle check reads only each assigned partition's topic and number.
+        worker.stats.learners = {
+            p: cast(PartitionLearner, SimpleNamespace(topic=topic, partition=p)) for p in (0, 1)
+        }
+        assert worker._input_exhausted()
+
+        consumer.pause([TopicPartition(topic, 1)])  # the fetcher does not take them yet
+        for i in range(2):
+            plain.produce(topic, b"late%d" % i, partition=1)
+        assert plain.flush(30) == 0
+        assert worker._unread(topic, 1) and not worker._unread(topic, 0)
+        assert not worker._input_exhausted()
+    finally:
+        consumer.close()
