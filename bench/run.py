@@ -409,7 +409,8 @@ def latencies(
             f"{one.get('in_p99_ms')} ms; from it to the prediction's: p99 "
             f"{one.get('worker_p99_ms')} ms; warm-up included: p99 "
             f"{one.get('whole_p99_ms')} ms; the warm-up alone: p99 {one.get('warmup_p99_ms')} "
-            f"ms, max {one.get('warmup_max_ms')} ms)"
+            f"ms, max {one.get('warmup_max_ms')} ms; the loop's CPU per click: "
+            f"{one.get('loop_cpu_us_per_click') or 0:.1f} µs)"
         )
         each.append(one)
     done = [r for r in each if r.get("p99_ms") is not None]
@@ -418,6 +419,7 @@ def latencies(
     pooled.sort()
     warm_p99 = _present(done, "warmup_p99_ms")
     warm_max = _present(done, "warmup_max_ms")
+    loop_cpu = _present(done, "loop_cpu_us_per_click")
     return {
         "rate": rate,
         "achieved_rate": median(r["achieved_rate"] for r in done),
@@ -438,6 +440,7 @@ def latencies(
         "whole_p99_ms": median(r["whole_p99_ms"] for r in done),
         "warmup_p99_ms": median(warm_p99) if warm_p99 else None,
         "warmup_max_ms": max(warm_max) if warm_max else None,
+        "loop_cpu_us_per_click": median(loop_cpu) if loop_cpu else None,
         "runs": each,
     }
 
@@ -637,6 +640,14 @@ def latency(
         "deploy_wait_s": report.get("deploy_wait_seconds"),
         "checkpoints": report.get("checkpoints"),
         "checkpoint_s": report.get("checkpoint_seconds"),
+        # The loop thread's CPU per click over its busy time (warm-up included): how much
+        # of a core the worker needs at this rate, steadier than a percentile on a noisy
+        # machine.
+        "loop_cpu_us_per_click": (
+            report["loop_cpu_seconds"] / report["messages"] * 1e6
+            if report.get("messages")
+            else None
+        ),
         # The worker's slowest loop iterations: its own work (CPU near wall) or waiting.
         "slowest_iterations": (report.get("slowest_iterations") or [])[:5],
         # The first 3 s of traffic (the warm-up's first), by 100 ms.
