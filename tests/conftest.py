@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
+
+from tests.helpers import wait_until_listed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,21 +87,8 @@ def new_topic(kafka_admin: AdminClient, request: pytest.FixtureRequest) -> Itera
         for fut in futures.values():
             fut.result(timeout=30)
         created.append(name)
-        # Created is not yet visible: until the broker's metadata lists the topic with a
-        # leader for every partition, a consumer subscribing to it may get "Unknown
-        # topic or partition" (seen once in test_broker_smoke).
-        deadline = time.monotonic() + 30
-        while True:
-            found = kafka_admin.list_topics(name, timeout=10).topics.get(name)
-            if (
-                found is not None
-                and found.error is None
-                and len(found.partitions) == partitions
-                and all(p.leader >= 0 for p in found.partitions.values())
-            ):
-                return name
-            assert time.monotonic() < deadline, f"topic {name} not in the metadata after 30s"
-            time.sleep(0.05)
+        wait_until_listed(kafka_admin, name, partitions)
+        return name
 
     yield make
     if created:

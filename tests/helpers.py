@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from worker.config import settings_from_mapping
 from worker.learner import LearnerOptions, PartitionLearner
@@ -78,3 +80,21 @@ def offline_worker(**options: str) -> Worker:
         env={},
     )
     return Worker(settings)
+
+
+def wait_until_listed(admin: AdminClient, topic: str, partitions: int, timeout: float = 30) -> None:
+    """Until the broker's metadata lists a topic just created, with a leader for every
+    partition. Created is not yet visible: a consumer subscribing before that may get
+    "Unknown topic or partition" (seen once in test_broker_smoke)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = admin.list_topics(topic, timeout=10).topics.get(topic)
+        if (
+            found is not None
+            and found.error is None
+            and len(found.partitions) == partitions
+            and all(p.leader >= 0 for p in found.partitions.values())
+        ):
+            return
+        assert time.monotonic() < deadline, f"topic {topic} not in the metadata after {timeout}s"
+        time.sleep(0.05)

@@ -51,7 +51,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from tests.helpers import features_of
+from tests.helpers import features_of, wait_until_listed
 from tests.integration.processes import REPO, WorkerProcess, killed_at_exit, worker_env
 from worker.broker import LocalBroker, free_port
 from worker.config import settings_from_mapping
@@ -697,9 +697,11 @@ def test_rebalances_join_leave_and_kill_neither_skip_nor_repeat_learning(
                 n = tail.count
                 tail.wait_beyond(n + 200, b, "predictions after A left", DEADLINE)
 
+                # C's idle clock starts at its first (empty, cooperative) assignment: its
+                # limit must outlast the rebalance's second round, B's checkpoint included.
                 c = _worker(
                     run, tmp_path / "c.log", *CHECKPOINTS, "--instance-id", "c",
-                    "--exit-when-idle", "3",
+                    "--exit-when-idle", "10",
                 )  # fmt: skip
                 procs.append(c)
                 c.wait_log(lambda w: bool(w.assigned()), "C's first partitions", DEADLINE)
@@ -949,9 +951,17 @@ def test_the_worker_rides_out_a_broker_restart(tmp_path: Path) -> None:
             )
         for fut in admin.create_topics(topics).values():
             fut.result(timeout=30)
+        for t in topics:
+            wait_until_listed(admin, t.topic, t.num_partitions)
         run = runs["w"]
         events = _events(8000, seed=9, prefix="outage-")
-        producer = PacedProducer(bootstrap, clicks, events, initial=1000, rate=400, **QUIET)
+        # Its reconnect backoff bounded at 1 s (librdkafka's default grows to 10 s): the
+        # test is of the worker's idle limit after the broker is back, not of how long an
+        # upstream producer waits before it reconnects.
+        producer = PacedProducer(
+            bootstrap, clicks, events, initial=1000, rate=400, **QUIET,
+            **{"reconnect.backoff.max.ms": 1000},
+        )  # fmt: skip
         producer.start()
         with killed_at_exit() as procs:
             w = _worker(run, tmp_path / "w.log", *CHECKPOINTS, "--exit-when-idle", "30")
