@@ -386,6 +386,10 @@ def test_dashboard_queries_and_alerts_work_against_a_real_prometheus(
         "both partitions restored and their lag known, in Prometheus",
         procs,
     )
+    # The dashboard's rates over 10 s need two samples of the new worker in that window
+    # (a restart slower than 10 s leaves none of the old one's).
+    fresh = f'count_over_time(riverline_events_consumed_total{{topic="{topic}"}}[10s]) >= 2'
+    _wait(lambda: len(api.query(fresh)) == 2, "two scrapes of both partitions", procs)
 
     # Every rule loaded and evaluates without error.
     groups = api.api("rules")["groups"]
