@@ -207,6 +207,60 @@ def feature_costs(raws: list[bytes], rounds: int) -> dict[str, float]:
     return out
 
 
+IDLE_BATCH, IDLE_GAP = 55, 0.002  # a 16 KB fetch of clicks, every 2 ms: ~27,000/s
+
+
+def idle_cost(raws: list[bytes], rounds: int) -> dict[str, float]:
+    """CPU µs per event of the worker's per-event path (decode, the ``logreg`` model's
+    predict-learn with the default features, encode), in this process, run two ways over
+    the same events: batches of ``IDLE_BATCH`` back to back, as on a backlog, and the
+    same batches with the thread asleep ``IDLE_GAP`` s between them, as at a paced rate
+    (where the worker waits for its next fetch). No Kafka and no other work: what the
+    second costs more is the price of going idle between batches on this machine. Each
+    figure is the median of ``rounds`` alternating pairs.
+
+    >>> out = idle_cost([orjson.dumps(e) for e in generate(SimulationConfig(n_events=400))], 1)
+    >>> sorted(out), out["ratio"] == out["with_gaps_us"] / out["back_to_back_us"]
+    (['back_to_back_us', 'ratio', 'with_gaps_us'], True)
+    """
+    from worker.events import encode_prediction
+    from worker.learner import LearnerOptions, PartitionLearner
+    from worker.models import make_model
+
+    codec = EventCodec.load()
+    decode, encode = codec.decode, encode_prediction
+    options = LearnerOptions(
+        baseline_window=BASELINE_WINDOW,
+        drift_detector="adwin",
+        data_drift_block=Settings.data_drift_block,
+    )
+    learner = PartitionLearner("bench", 0, make_model("logreg"), options=options)
+    half = len(raws) // 2
+    for offset, raw in enumerate(raws[:half]):  # warm: past the baseline's first fit
+        learner.predict_learn(decode(raw), offset)
+    learner.end_batch()
+    timed = raws[half:]
+    share = len(timed) // (2 * rounds) or 1
+
+    def one(start: int, gap: float) -> float:
+        chunk = timed[start : start + share]
+        started = time.thread_time()
+        for i in range(0, len(chunk), IDLE_BATCH):
+            for offset, raw in enumerate(chunk[i : i + IDLE_BATCH], half + start + i):
+                encode(learner.predict_learn(decode(raw), offset))
+            learner.end_batch(force=False)
+            if gap:
+                time.sleep(gap)
+        return (time.thread_time() - started) / max(len(chunk), 1) * 1e6
+
+    back, gaps = [], []
+    for r in range(rounds):
+        back.append(one(2 * r * share, 0.0))
+        gaps.append(one((2 * r + 1) * share, IDLE_GAP))
+    b, g = median(back), median(gaps)
+    return {"back_to_back_us": b, "with_gaps_us": g, "ratio": g / b}
+
+
 def ceiling(bs: str, topic: str, n: int) -> float:
     """Consume, decode, produce, commit: Kafka I/O and JSON without a model."""
     out = f"{topic}-passthrough-{uuid.uuid4().hex[:6]}"
@@ -740,6 +794,12 @@ def main() -> int:
         metavar="RATE",
         help="only measure latency, at RATE events/s (no throughput rounds)",
     )
+    ap.add_argument(
+        "--idle-cost-only",
+        action="store_true",
+        help="only measure, in process, the per-event CPU back to back against with "
+        "2 ms idle gaps between batches (no broker)",
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
     if args.latency_runs < 1:
@@ -747,6 +807,16 @@ def main() -> int:
     if args.latency_warmup < 0:
         ap.error(f"--latency-warmup must be 0 or more seconds, got {args.latency_warmup}")
 
+    if args.idle_cost_only:
+        raws = [
+            orjson.dumps(e)
+            for e in generate(
+                SimulationConfig(n_events=args.events, seed=1, scenario="none", n_users=args.users)
+            )
+        ]
+        tune_gc(preload_baseline=True)
+        print(json.dumps(idle_cost(raws, args.rounds)))
+        return 0
     bs, broker = bootstrap()
     results: dict[str, Any] = {"events": args.events, "machine": os.uname().nodename}
     if args.memory_only:
@@ -904,6 +974,8 @@ def main() -> int:
             results["checkpoint"] = {"cost_pct": alos_default["checkpoint_pct"]}
         results["feature_costs"] = feature_costs(raws, args.rounds)
         log(f"feature costs: {results['feature_costs']}")
+        results["idle_cost"] = idle_cost(raws, args.rounds)
+        log(f"idle cost: {results['idle_cost']}")
         alos = [r for r in rows if r["guarantee"] == "at-least-once" and r["features"] == "default"]
         max_rate = alos[0]["riverline"] if alos else 10_000.0
         results["latency"] = latencies(
@@ -1079,6 +1151,15 @@ def render(r: dict[str, Any]) -> str:
                 for k, v in costs.items()
             )
             + "."
+        )
+    idle = r.get("idle_cost")
+    if idle:
+        lines.append(
+            f"\nThe same path with the real `logreg` model and the default features, in "
+            f"process, in batches of {IDLE_BATCH}: {idle['back_to_back_us']:.1f} µs of CPU per "
+            f"event back to back, {idle['with_gaps_us']:.1f} µs with the thread asleep "
+            f"{IDLE_GAP * 1000:.0f} ms between batches (×{idle['ratio']:.2f}): the price of "
+            "going idle between fetches, which a paced rate pays and a backlog does not."
         )
     cp = r.get("checkpoint")
     if cp:
