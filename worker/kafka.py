@@ -59,8 +59,11 @@ def describe(err: KafkaError | KafkaException | Exception) -> str:
 
 _last_error_log: dict[int, float] = {}
 
+# Client errors that mean the broker (or every broker) cannot be reached.
+UNREACHABLE = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
 
-def _error_cb(err: KafkaError) -> None:
+
+def log_client_error(err: KafkaError) -> None:
     # Broker restarts show up here as transport errors; librdkafka reconnects by itself.
     if err.fatal():
         librdkafka_log.error("fatal Kafka client error: %s", describe(err))
@@ -75,7 +78,7 @@ def common_config(s: Settings) -> dict[str, Any]:
     return {
         "bootstrap.servers": s.bootstrap_servers,
         "client.id": f"riverline-{socket.gethostname()}",
-        "error_cb": _error_cb,
+        "error_cb": log_client_error,
         "logger": librdkafka_log,
         **s.kafka,
     }

@@ -51,11 +51,13 @@ from worker.events import (
     encode_prediction,
 )
 from worker.kafka import (
+    UNREACHABLE,
     KafkaFatalError,
     common_config,
     consumer_config,
     describe,
     ensure_topics,
+    log_client_error,
     producer_config,
 )
 from worker.learner import ModelError, PartitionLearner
@@ -68,6 +70,9 @@ log = logging.getLogger(__name__)
 WATERMARK_INTERVAL = 1.0
 FIT_PROCESS_START_TIMEOUT = 30.0  # seconds the worker waits for its fit process at start
 TXN_TIMEOUT = 60.0
+# An --exit-when-idle check whose metadata request took this long waited for a broker:
+# it began during an outage (healthy answers take milliseconds).
+SLOW_IDLE_CHECK = 2.0
 _LOGGED_PER_REASON = 10  # dead letters logged one by one, then every 10,000th
 # librdkafka refuses to produce a record above message.max.bytes (default 1,000,000),
 # yet the input topic may hold larger ones: their dead letters carry a prefix only.
@@ -108,9 +113,11 @@ class Worker:
         self._poisoned: dict[tuple[int, int], str] = {}
         self._assigned_at = 0.0
         self._lost_at = 0.0
-        # Set when an --exit-when-idle check finds the broker not answering; the idle
-        # time then counts again from the first check that finds it back.
+        # Set when an --exit-when-idle check finds the broker not answering (or slow to
+        # answer), or when the consumer reports it unreachable: the idle time then counts
+        # again from the first check that finds it back.
         self._broker_unreachable = False
+        self._unreachable_at = 0.0  # when the consumer last reported the broker unreachable
         self._dropped_deploy_wait = 0.0  # deploy waits of partitions no longer ours
         self._error_logged: dict[int, float] = {}
         self.consumer: Consumer | None = None
@@ -202,7 +209,13 @@ class Worker:
                 )
         # Offset commits of the periodic checkpoints are asynchronous; their results
         # arrive here, inside consume() on this thread.
-        self.consumer = Consumer({**consumer_config(s), "on_commit": self._on_commit})
+        self.consumer = Consumer(
+            {
+                **consumer_config(s),
+                "on_commit": self._on_commit,
+                "error_cb": self._on_client_error,
+            }
+        )
         self.consumer.subscribe(
             [s.input_topic],
             on_assign=self._on_assign,
@@ -285,7 +298,7 @@ class Worker:
             if not stats.started or self._assigned_at > last_event:
                 last_event = now  # idle time counts from the last (re)assignment
             elif idle_limit and now - last_event >= idle_limit:
-                if not self._input_exhausted():
+                if not self._input_exhausted(since=last_event):
                     # The idle time counts again from now.
                     last_event = time.monotonic()
                     continue
@@ -458,18 +471,33 @@ class Worker:
                 "committed (the restart replays it)"
             )
 
-    def _input_exhausted(self) -> bool:
-        """May ``--exit-when-idle`` stop now? Not while partitions lost in a session
-        timeout are not given back yet, nor while an assigned partition holds events
-        past this worker's position, nor while the broker does not answer: no event can
-        arrive then, but that is not the end of the input. After an outage the idle time
-        counts again from the first check that finds the broker back, so that producers
-        (and this consumer's fetcher) still in their reconnect backoff can catch up."""
+    def _on_client_error(self, err: KafkaError) -> None:
+        """The consumer's ``error_cb`` (served inside ``consume()``, on the loop thread)."""
+        log_client_error(err)
+        if err.code() in UNREACHABLE:
+            self._unreachable_at = time.monotonic()
+
+    def _input_exhausted(self, since: float = 0.0) -> bool:
+        """May ``--exit-when-idle`` stop now (no event since ``since``)? Not while
+        partitions lost in a session timeout are not given back yet, nor while an
+        assigned partition holds events past this worker's position, nor while the
+        broker does not answer: no event can arrive then, but that is not the end of the
+        input.
+
+        After an outage the idle time counts again from the first check that finds the
+        broker back, so that producers (and this consumer's fetcher) still in their
+        reconnect backoff can catch up. An outage is known three ways: the check fails;
+        the check is slow (its metadata request waited for a broker: it began during the
+        outage and ended after it); or the consumer reported the broker unreachable
+        since the last event (an outage shorter than the idle limit, over before the
+        check)."""
         assert self.consumer is not None
         if self._lost_at > self._assigned_at:
             return False
         try:
+            began = time.monotonic()
             self.consumer.list_topics(self.settings.input_topic, timeout=5.0)
+            waited = time.monotonic() - began
             for lr in list(self.stats.learners.values()):
                 if self._unread(lr.topic, lr.partition):
                     return False
@@ -482,9 +510,13 @@ class Worker:
                 )
             self._broker_unreachable = True
             return False
-        if self._broker_unreachable:
+        if self._broker_unreachable or self._unreachable_at > since or waited >= SLOW_IDLE_CHECK:
             self._broker_unreachable = False
-            log.info("--exit-when-idle: the broker answers again; the idle time counts from now")
+            self._unreachable_at = 0.0
+            log.info(
+                "--exit-when-idle: the broker answers again after an outage; the idle time "
+                "counts from now"
+            )
             return False
         return True
 

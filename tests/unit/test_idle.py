@@ -8,11 +8,15 @@ markers) and ``test_durability.py`` (a broker restart).
 
 from __future__ import annotations
 
+import logging
+import time
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+import worker.loop as loop_module
 from tests.helpers import offline_worker
 
 OFFSET_INVALID = -1001
@@ -24,6 +28,7 @@ class Consumer:
 
     def __init__(self, high: dict[int, int], position: dict[int, int]) -> None:
         self.up = True
+        self.metadata_delay = 0.0
         self.high = high
         self.position_ = position
         self.committed_: dict[int, int] = {}
@@ -33,6 +38,7 @@ class Consumer:
             raise KafkaException(KafkaError(KafkaError._TRANSPORT, "broker down"))
 
     def list_topics(self, topic: str, timeout: float) -> None:
+        time.sleep(self.metadata_delay)
         self._check()
 
     def get_watermark_offsets(self, tp: TopicPartition, timeout: float) -> tuple[int, int]:
@@ -105,4 +111,40 @@ def test_partitions_lost_and_not_given_back_are_not_the_end() -> None:
     w._assigned_at, w._lost_at = 1.0, 2.0
     assert not w._input_exhausted()
     w._assigned_at = 3.0
+    assert w._input_exhausted()
+
+
+def test_the_consumer_reporting_the_broker_unreachable_since_the_last_event_adds_one_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An outage shorter than the idle limit: over before the check, which then finds the
+    # broker answering and every partition caught up, while producers in their reconnect
+    # backoff have not delivered yet.
+    caplog.set_level(logging.INFO, logger="worker.loop")
+    w = _worker(Consumer(high={0: 10, 1: 7}, position={0: 10, 1: 7}))
+    last_event = time.monotonic()
+    w._on_client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+    assert not w._input_exhausted(since=last_event)
+    assert "answers again" in caplog.text
+    assert w._input_exhausted(since=time.monotonic())  # once: the next check may stop
+    # Reported before the last event: events came after it, so it is not this silence's.
+    w._on_client_error(KafkaError(KafkaError._TRANSPORT, "disconnected"))
+    assert w._input_exhausted(since=time.monotonic())
+    # Other client errors are not an outage.
+    before = time.monotonic()
+    w._on_client_error(KafkaError(KafkaError._MSG_TIMED_OUT, "timed out"))
+    assert w._input_exhausted(since=before)
+
+
+def test_a_check_whose_metadata_request_waited_for_the_broker_adds_one_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The check began during the outage and its metadata request was answered once the
+    # broker came back: the seen-failing path never ran, but the outage was there.
+    monkeypatch.setattr(loop_module, "SLOW_IDLE_CHECK", 0.05)
+    c = Consumer(high={0: 10, 1: 7}, position={0: 10, 1: 7})
+    w = _worker(c)
+    c.metadata_delay = 0.06
+    assert not w._input_exhausted()
+    c.metadata_delay = 0.0
     assert w._input_exhausted()
