@@ -632,8 +632,10 @@ def test_kill_9_at_random_moments_loses_and_double_learns_nothing(
     # open transaction at once.
     extra = ["--guarantee", guarantee, "--instance-id", "w1"]
     events = _events(n_events, seed=21, prefix=f"{guarantee}-")
-    # About a minute of input at this pace: every kill lands while events still arrive.
-    producer = PacedProducer(run.bootstrap, run.input, events, initial=2000, rate=n_events / 70)
+    # Two minutes of input at this pace, so that every kill lands while events still
+    # arrive: the kill cycle took 30-45 s here (a restart waits out the dead member's
+    # session), and finish() sends what is left at once, so a slower pace costs no time.
+    producer = PacedProducer(run.bootstrap, run.input, events, initial=2000, rate=n_events / 120)
     producer.start()
     try:
         report = _kill_cycle(run, tmp_path, producer, extra, rng)
