@@ -464,7 +464,11 @@ def latencies(
             f"{one.get('worker_p99_ms')} ms; warm-up included: p99 "
             f"{one.get('whole_p99_ms')} ms; the warm-up alone: p99 {one.get('warmup_p99_ms')} "
             f"ms, max {one.get('warmup_max_ms')} ms; the loop's CPU per click: "
-            f"{one.get('loop_cpu_us_per_click') or 0:.1f} µs)"
+            + (
+                f"{one['loop_cpu_us_per_click']:.1f} µs)"
+                if one.get("loop_cpu_us_per_click") is not None
+                else "n/a)"
+            )
         )
         each.append(one)
     done = [r for r in each if r.get("p99_ms") is not None]
@@ -695,8 +699,8 @@ def latency(
         "checkpoints": report.get("checkpoints"),
         "checkpoint_s": report.get("checkpoint_seconds"),
         # The loop thread's CPU per click over its busy time (warm-up included): how much
-        # of a core the worker needs at this rate, steadier than a percentile on a noisy
-        # machine.
+        # of a core the loop thread needs at this rate (the Kafka client's threads and the
+        # fit process apart), steadier than a percentile on a noisy machine.
         "loop_cpu_us_per_click": (
             report["loop_cpu_seconds"] / report["messages"] * 1e6
             if report.get("messages")

@@ -59,8 +59,8 @@ def describe(err: KafkaError | KafkaException | Exception) -> str:
 
 _last_error_log: dict[int, float] = {}
 
-# Client errors that mean the broker (or every broker) cannot be reached.
-UNREACHABLE = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
+# Errors of a request that mean the broker did not answer it.
+NO_ANSWER = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT})
 
 
 def log_client_error(err: KafkaError) -> None:

@@ -51,7 +51,7 @@ from worker.events import (
     encode_prediction,
 )
 from worker.kafka import (
-    UNREACHABLE,
+    NO_ANSWER,
     KafkaFatalError,
     common_config,
     consumer_config,
@@ -113,11 +113,10 @@ class Worker:
         self._poisoned: dict[tuple[int, int], str] = {}
         self._assigned_at = 0.0
         self._lost_at = 0.0
-        # Set when an --exit-when-idle check finds the broker not answering (or slow to
-        # answer), or when the consumer reports it unreachable: the idle time then counts
-        # again from the first check that finds it back.
+        # Set when an --exit-when-idle check finds the broker not answering: the idle
+        # time then counts again from the first check that finds it back.
         self._broker_unreachable = False
-        self._unreachable_at = 0.0  # when the consumer last reported the broker unreachable
+        self._unreachable_at = 0.0  # when the consumer last reported all brokers down
         self._dropped_deploy_wait = 0.0  # deploy waits of partitions no longer ours
         self._error_logged: dict[int, float] = {}
         self.consumer: Consumer | None = None
@@ -474,7 +473,7 @@ class Worker:
     def _on_client_error(self, err: KafkaError) -> None:
         """The consumer's ``error_cb`` (served inside ``consume()``, on the loop thread)."""
         log_client_error(err)
-        if err.code() in UNREACHABLE:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
             self._unreachable_at = time.monotonic()
 
     def _input_exhausted(self, since: float = 0.0) -> bool:
@@ -488,9 +487,10 @@ class Worker:
         broker back, so that producers (and this consumer's fetcher) still in their
         reconnect backoff can catch up. An outage is known three ways: the check fails;
         the check is slow (its metadata request waited for a broker: it began during the
-        outage and ended after it); or the consumer reported the broker unreachable
-        since the last event (an outage shorter than the idle limit, over before the
-        check)."""
+        outage and ended after it); or the consumer reported all brokers down since the
+        last event (an outage shorter than the idle limit, over before the check). Any
+        other error of the check (a leader election, an authorization error) is logged
+        and the worker goes on: it cannot tell whether the input is exhausted."""
         assert self.consumer is not None
         if self._lost_at > self._assigned_at:
             return False
@@ -499,14 +499,21 @@ class Worker:
             self.consumer.list_topics(self.settings.input_topic, timeout=5.0)
             waited = time.monotonic() - began
             for lr in list(self.stats.learners.values()):
-                if self._unread(lr.topic, lr.partition):
+                if self._unread(lr.topic, lr.partition, lr.next_offset):
                     return False
         except KafkaException as e:
+            err = e.args[0] if e.args else None
+            if not isinstance(err, KafkaError) or err.code() not in NO_ANSWER:
+                log.warning(
+                    "--exit-when-idle: cannot tell whether the input is exhausted (%s); going on",
+                    describe(e),
+                )
+                return False
             if not self._broker_unreachable:
                 log.info(
                     "--exit-when-idle: the broker does not answer (%s); the idle time "
                     "counts again once it does",
-                    describe(e.args[0]) if e.args else e,
+                    describe(err),
                 )
             self._broker_unreachable = True
             return False
@@ -520,22 +527,24 @@ class Worker:
             return False
         return True
 
-    def _unread(self, topic: str, partition: int) -> bool:
+    def _unread(self, topic: str, partition: int, next_offset: int | None = None) -> bool:
         """Does an assigned partition hold events past this worker's position? (After a
         broker outage the fetcher may still be in its reconnect backoff while the broker
         already answers: silence then is not the end of the input.)
 
         The position is the consumer's own, which steps over a transaction's commit
-        marker at the end of the partition. A partition not read from yet has no
-        position; it starts at its committed offset, else where ``auto.offset.reset``
-        says. That errs on the side of going on: a partition whose last record is a
-        transaction marker counts as unread until an event arrives."""
+        marker once fetched. A partition not fetched from yet has no position: it starts
+        at its learner's ``next_offset`` (a restored learner's is its snapshot's offset,
+        which the group's committed offset may lag), else at its committed offset, else
+        where ``auto.offset.reset`` says."""
         assert self.consumer is not None
         tp = TopicPartition(topic, partition)
         low, high = self.consumer.get_watermark_offsets(tp, timeout=5.0)
         (position,) = self.consumer.position([tp])
         if position.offset >= 0:
             start = position.offset
+        elif next_offset is not None:
+            start = next_offset
         else:
             (committed,) = self.consumer.committed([tp], timeout=5.0)
             if committed.offset >= 0:

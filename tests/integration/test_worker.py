@@ -1049,7 +1049,8 @@ def test_idle_check_reads_the_real_consumers_position_and_steps_over_a_commit_ma
         assert not worker._unread(topic, 1)
         # The idle check reads only each assigned partition's topic and number.
         worker.stats.learners = {
-            p: cast(PartitionLearner, SimpleNamespace(topic=topic, partition=p)) for p in (0, 1)
+            p: cast(PartitionLearner, SimpleNamespace(topic=topic, partition=p, next_offset=None))
+            for p in (0, 1)
         }
         assert worker._input_exhausted()
 

@@ -64,7 +64,9 @@ class Consumer:
 def _worker(consumer: Consumer, partitions: int = 2, **options: str) -> Any:
     w = offline_worker(**options)
     w.consumer = consumer
-    w.stats.learners = {p: SimpleNamespace(topic="clicks", partition=p) for p in range(partitions)}
+    w.stats.learners = {
+        p: SimpleNamespace(topic="clicks", partition=p, next_offset=None) for p in range(partitions)
+    }
     return w
 
 
@@ -114,7 +116,7 @@ def test_partitions_lost_and_not_given_back_are_not_the_end() -> None:
     assert w._input_exhausted()
 
 
-def test_the_consumer_reporting_the_broker_unreachable_since_the_last_event_adds_one_wait(
+def test_the_consumer_reporting_all_brokers_down_since_the_last_event_adds_one_wait(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # An outage shorter than the idle limit: over before the check, which then finds the
@@ -128,10 +130,12 @@ def test_the_consumer_reporting_the_broker_unreachable_since_the_last_event_adds
     assert "answers again" in caplog.text
     assert w._input_exhausted(since=time.monotonic())  # once: the next check may stop
     # Reported before the last event: events came after it, so it is not this silence's.
-    w._on_client_error(KafkaError(KafkaError._TRANSPORT, "disconnected"))
+    w._on_client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
     assert w._input_exhausted(since=time.monotonic())
-    # Other client errors are not an outage.
+    # One connection's error is not an outage (one broker of many, an idle connection
+    # closed): the check itself finds out whether the partitions' leaders answer.
     before = time.monotonic()
+    w._on_client_error(KafkaError(KafkaError._TRANSPORT, "disconnected"))
     w._on_client_error(KafkaError(KafkaError._MSG_TIMED_OUT, "timed out"))
     assert w._input_exhausted(since=before)
 
@@ -141,10 +145,39 @@ def test_a_check_whose_metadata_request_waited_for_the_broker_adds_one_wait(
 ) -> None:
     # The check began during the outage and its metadata request was answered once the
     # broker came back: the seen-failing path never ran, but the outage was there.
-    monkeypatch.setattr(loop_module, "SLOW_IDLE_CHECK", 0.05)
+    monkeypatch.setattr(loop_module, "SLOW_IDLE_CHECK", 0.5)
     c = Consumer(high={0: 10, 1: 7}, position={0: 10, 1: 7})
     w = _worker(c)
-    c.metadata_delay = 0.06
+    c.metadata_delay = 0.6
     assert not w._input_exhausted()
     c.metadata_delay = 0.0
     assert w._input_exhausted()
+
+
+def test_a_restored_partition_not_fetched_yet_starts_at_its_snapshot_not_the_commit() -> None:
+    # Restored from a snapshot at offset 10 (the end of the partition) while the group's
+    # committed offset lags (a commit lost in a crash): caught up, not 4 events behind.
+    c = Consumer(high={0: 10, 1: 7}, position={1: 7})
+    c.committed_[0] = 6
+    w = _worker(c)
+    w.stats.learners[0].next_offset = 10
+    w.stats.learners[1].next_offset = 7
+    assert w._input_exhausted()
+    w.stats.learners[0].next_offset = 8  # the snapshot's offset is behind the end
+    assert not w._input_exhausted()
+
+
+def test_an_error_that_is_not_an_outage_keeps_the_worker_going_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    c = Consumer(high={0: 10, 1: 7}, position={0: 10, 1: 7})
+    w = _worker(c)
+
+    def no_leader(tp: TopicPartition, timeout: float) -> tuple[int, int]:
+        raise KafkaException(KafkaError(KafkaError._UNKNOWN_PARTITION, "unknown partition"))
+
+    c.get_watermark_offsets = no_leader  # type: ignore[method-assign]
+    assert not w._input_exhausted()
+    assert "cannot tell whether the input is exhausted" in caplog.text
+    del c.get_watermark_offsets  # the class's again
+    assert w._input_exhausted()  # not taken for an outage: no extra wait
