@@ -170,6 +170,7 @@ def test_a_restored_partition_not_fetched_yet_starts_at_its_snapshot_not_the_com
 def test_an_error_that_is_not_an_outage_keeps_the_worker_going_and_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="worker.loop")  # (another test may raise it)
     c = Consumer(high={0: 10, 1: 7}, position={0: 10, 1: 7})
     w = _worker(c)
 
