@@ -51,7 +51,7 @@ import orjson  # noqa: E402
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from worker.baseline import BatchBaseline  # noqa: E402
-from worker.config import Settings  # noqa: E402
+from worker.config import MAX_BUSY_POLL_MS, Settings  # noqa: E402
 from worker.events import EventCodec  # noqa: E402
 from worker.feed import ensure_topic  # noqa: E402
 from worker.loop import tune_gc  # noqa: E402
@@ -443,9 +443,18 @@ def _present(runs: list[dict[str, Any]], key: str) -> list[Any]:
 
 
 def latencies(
-    bs: str, rate: float, seconds: float, n_users: int, runs: int, warmup: float = 0.0
-) -> dict[str, Any]:
-    """``runs`` latency runs (see :func:`latency`), each with a fresh worker and topics.
+    bs: str,
+    rate: float,
+    seconds: float,
+    n_users: int,
+    runs: int,
+    warmup: float = 0.0,
+    busy_poll_ms: tuple[float, ...] = (0.0,),
+) -> list[dict[str, Any]]:
+    """``runs`` latency runs (see :func:`latency`) per worker setting of
+    ``--busy-poll-ms``, each with a fresh worker and topics; one summary per setting,
+    in the order given. The settings take turns run by run, so that a noisy minute of
+    the machine falls on both rather than on one.
 
     The headline percentiles are the medians over the runs, as the throughput figures
     are medians over rounds: on this shared 2-core machine one run in a few meets a slow
@@ -453,33 +462,61 @@ def latencies(
     Every run's figures are kept, and the percentiles of all runs' events pooled are
     given too, so a bad run is reported rather than hidden.
     """
-    pooled: list[int] = []
-    each = []
+    pooled: dict[float, list[int]] = {ms: [] for ms in busy_poll_ms}
+    each: dict[float, list[dict[str, Any]]] = {ms: [] for ms in busy_poll_ms}
     for i in range(runs):
-        one = latency(bs, rate, seconds, n_users, pooled, warmup)
-        log(
-            f"latency run {i + 1} of {runs} at {rate:,.0f}/s: p50 {one['p50_ms']} ms, "
-            f"p99 {one['p99_ms']} ms, max {one.get('max_ms')} ms (to the click's append: p99 "
-            f"{one.get('in_p99_ms')} ms; from it to the prediction's: p99 "
-            f"{one.get('worker_p99_ms')} ms; warm-up included: p99 "
-            f"{one.get('whole_p99_ms')} ms; the warm-up alone: p99 {one.get('warmup_p99_ms')} "
-            f"ms, max {one.get('warmup_max_ms')} ms; the loop's CPU per click: "
-            + (
-                f"{one['loop_cpu_us_per_click']:.1f} µs)"
-                if one.get("loop_cpu_us_per_click") is not None
-                else "n/a)"
-            )
+        for ms in busy_poll_ms:
+            one = latency(bs, rate, seconds, n_users, pooled[ms], warmup, ms)
+            _log_latency_run(one, i, runs, rate)
+            each[ms].append(one)
+    return [_summary(each[ms], pooled[ms], rate, warmup, ms) for ms in busy_poll_ms]
+
+
+def _log_latency_run(one: dict[str, Any], i: int, runs: int, rate: float) -> None:
+    polled = (
+        f", {one['busy_poll_cpu_us_per_click']:.1f} µs polling"
+        if one.get("busy_poll_cpu_us_per_click")
+        else ""
+    )
+    log(
+        f"latency run {i + 1} of {runs} at {rate:,.0f}/s"
+        + (f" (--busy-poll-ms {one['busy_poll_ms']:g})" if one.get("busy_poll_ms") else "")
+        + f": p50 {one['p50_ms']} ms, "
+        f"p99 {one['p99_ms']} ms, max {one.get('max_ms')} ms (to the click's append: p99 "
+        f"{one.get('in_p99_ms')} ms; from it to the prediction's: p99 "
+        f"{one.get('worker_p99_ms')} ms; warm-up included: p99 "
+        f"{one.get('whole_p99_ms')} ms; the warm-up alone: p99 {one.get('warmup_p99_ms')} "
+        f"ms, max {one.get('warmup_max_ms')} ms; the loop's CPU per click: "
+        + (
+            f"{one['loop_cpu_us_per_click']:.1f} µs{polled})"
+            if one.get("loop_cpu_us_per_click") is not None
+            else "n/a)"
         )
-        each.append(one)
+    )
+
+
+def _summary(
+    each: list[dict[str, Any]], pooled: list[int], rate: float, warmup: float, busy_poll_ms: float
+) -> dict[str, Any]:
+    """The medians over the runs, the pooled percentiles, and every run."""
     done = [r for r in each if r.get("p99_ms") is not None]
     if not done:
-        return {"rate": rate, "p50_ms": None, "p99_ms": None, "n": 0, "runs": each}
+        return {
+            "rate": rate,
+            "busy_poll_ms": busy_poll_ms,
+            "p50_ms": None,
+            "p99_ms": None,
+            "n": 0,
+            "runs": each,
+        }
     pooled.sort()
     warm_p99 = _present(done, "warmup_p99_ms")
     warm_max = _present(done, "warmup_max_ms")
     loop_cpu = _present(done, "loop_cpu_us_per_click")
+    polling = _present(done, "busy_poll_cpu_us_per_click")
     return {
         "rate": rate,
+        "busy_poll_ms": busy_poll_ms,
         "achieved_rate": median(r["achieved_rate"] for r in done),
         "n": len(pooled),
         "runs_done": len(done),
@@ -499,6 +536,7 @@ def latencies(
         "warmup_p99_ms": median(warm_p99) if warm_p99 else None,
         "warmup_max_ms": max(warm_max) if warm_max else None,
         "loop_cpu_us_per_click": median(loop_cpu) if loop_cpu else None,
+        "busy_poll_cpu_us_per_click": median(polling) if polling else None,
         "runs": each,
     }
 
@@ -510,8 +548,10 @@ def latency(
     n_users: int,
     pooled: list[int] | None = None,
     warmup: float = 0.0,
+    busy_poll_ms: float = 0.0,
 ) -> dict[str, Any]:
-    """Clicks produced at ``rate`` for ``warmup`` + ``seconds`` seconds; latency = the
+    """Clicks produced at ``rate`` for ``warmup`` + ``seconds`` seconds to a worker run
+    with ``--busy-poll-ms busy_poll_ms`` (0: its default); latency = the
     broker's append time of the prediction minus the click's create time, the time the
     load generator handed it to its producer (both from the same clock: this host). The
     percentiles are of the clicks after the first ``warmup`` seconds; those of the
@@ -567,7 +607,16 @@ def latency(
     port = free_port()
     report_dir = tempfile.TemporaryDirectory()
     report_file = Path(report_dir.name) / "report.json"
-    cmd = worker_cmd(bs, topic, group, "--exit-when-idle", "4", "--report-file", str(report_file))
+    cmd = worker_cmd(
+        bs,
+        topic,
+        group,
+        "--exit-when-idle",
+        "4",
+        "--report-file",
+        str(report_file),
+        *(("--busy-poll-ms", f"{busy_poll_ms:g}") if busy_poll_ms else ()),
+    )
     cmd[cmd.index("--metrics-address") + 1] = f"127.0.0.1:{port}"
     env = {**os.environ, "RIVERLINE_SNAPSHOT_KEY": KEY}
     cmd[cmd.index("--log-level") + 1] = "INFO"  # slow checkpoints are logged with phases
@@ -669,9 +718,12 @@ def latency(
         )
         for line in lines[-40:]:
             log("  " + line.rstrip())
-        return {"rate": rate, "p50_ms": None, "p99_ms": None, "n": 0}
+        return {"rate": rate, "busy_poll_ms": busy_poll_ms, "p50_ms": None, "p99_ms": None, "n": 0}
+    messages = report.get("messages")
+    polling_cpu = report.get("busy_poll_cpu_seconds") or 0.0
     return {
         "rate": rate,
+        "busy_poll_ms": busy_poll_ms,
         "achieved_rate": n / produced_in,
         "n": len(lat),
         "p50_ms": percentile(lat, 0.5),
@@ -700,12 +752,12 @@ def latency(
         "checkpoint_s": report.get("checkpoint_seconds"),
         # The loop thread's CPU per click over its busy time (warm-up included): how much
         # of a core the loop thread needs at this rate (the Kafka client's threads and the
-        # fit process apart), steadier than a percentile on a noisy machine.
+        # fit process apart), steadier than a percentile on a noisy machine. Its own work,
+        # then the CPU it spent polling without waiting (--busy-poll-ms) apart.
         "loop_cpu_us_per_click": (
-            report["loop_cpu_seconds"] / report["messages"] * 1e6
-            if report.get("messages")
-            else None
+            (report["loop_cpu_seconds"] - polling_cpu) / messages * 1e6 if messages else None
         ),
+        "busy_poll_cpu_us_per_click": polling_cpu / messages * 1e6 if messages else None,
         # The worker's slowest loop iterations: its own work (CPU near wall) or waiting.
         "slowest_iterations": (report.get("slowest_iterations") or [])[:5],
         # The first 3 s of traffic (the warm-up's first), by 100 ms.
@@ -788,6 +840,14 @@ def main() -> int:
         default=5,
         help="latency runs (medians of their percentiles are reported, and each run)",
     )
+    ap.add_argument(
+        "--latency-busy-poll-ms",
+        type=float,
+        default=3.0,
+        metavar="MS",
+        help="also run the latency runs with the worker's --busy-poll-ms MS, taking turns "
+        "with the default (0: only the default)",
+    )
     ap.add_argument("--memory-events", type=int, default=0, help="e.g. 1000000 (slow)")
     ap.add_argument(
         "--memory-only", type=int, metavar="EVENTS", help="only measure memory over EVENTS"
@@ -810,6 +870,12 @@ def main() -> int:
         ap.error(f"--latency-runs must be at least 1, got {args.latency_runs}")
     if args.latency_warmup < 0:
         ap.error(f"--latency-warmup must be 0 or more seconds, got {args.latency_warmup}")
+    if not 0 <= args.latency_busy_poll_ms <= MAX_BUSY_POLL_MS:
+        ap.error(
+            f"--latency-busy-poll-ms must be between 0 and {MAX_BUSY_POLL_MS:g}, "
+            f"got {args.latency_busy_poll_ms:g}"
+        )
+    busy_poll = (0.0, args.latency_busy_poll_ms) if args.latency_busy_poll_ms else (0.0,)
 
     if args.idle_cost_only:
         raws = [
@@ -832,18 +898,16 @@ def main() -> int:
         return 0
     if args.latency_only:
         try:
-            print(
-                json.dumps(
-                    latencies(
-                        bs,
-                        args.latency_only,
-                        args.latency_seconds,
-                        args.users,
-                        args.latency_runs,
-                        args.latency_warmup,
-                    )
-                )
+            series = latencies(
+                bs,
+                args.latency_only,
+                args.latency_seconds,
+                args.users,
+                args.latency_runs,
+                args.latency_warmup,
+                busy_poll,
             )
+            print(json.dumps(series[0] if len(series) == 1 else series))
         finally:
             if broker is not None:
                 broker.stop()
@@ -982,15 +1046,19 @@ def main() -> int:
         log(f"idle cost: {results['idle_cost']}")
         alos = [r for r in rows if r["guarantee"] == "at-least-once" and r["features"] == "default"]
         max_rate = alos[0]["riverline"] if alos else 10_000.0
-        results["latency"] = latencies(
+        series = latencies(
             bs,
             max_rate / 2,
             args.latency_seconds,
             args.users,
             args.latency_runs,
             args.latency_warmup,
+            busy_poll,
         )
-        log(f"latency at {max_rate / 2:,.0f}/s: {results['latency']}")
+        results["latency"] = series[0]
+        if len(series) > 1:
+            results["latency_busy_poll"] = series[1]
+        log(f"latency at {max_rate / 2:,.0f}/s: {series}")
         if args.memory_events:
             results["memory"] = memory(bs, args.memory_events)
             log(f"memory: {results['memory']}")
@@ -1016,6 +1084,11 @@ def render_latency(lat: dict[str, Any]) -> str:
         f"{lat['rate']:,.0f} events/s (half the maximum; "
         f"{lat.get('achieved_rate', lat['rate']):,.0f}/s achieved), logreg, "
         f"at-least-once, default features"
+        + (
+            f", the worker run with `--busy-poll-ms {lat['busy_poll_ms']:g}`"
+            if lat.get("busy_poll_ms")
+            else ""
+        )
     )
     if len(runs) > 1:
         head += (
@@ -1040,6 +1113,16 @@ def render_latency(lat: dict[str, Any]) -> str:
                 f"after it (the worker's fetch, work and producer, and the broker's write "
                 f"of the prediction) median p50 {lat['worker_p50_ms']} ms, p99 "
                 f"{lat['worker_p99_ms']} ms."
+            )
+        if lat.get("loop_cpu_us_per_click") is not None:
+            head += (
+                f" The loop's CPU per click, its own work: median "
+                f"{lat['loop_cpu_us_per_click']:.1f} µs"
+                + (
+                    f"; polling without waiting: {lat['busy_poll_cpu_us_per_click']:.1f} µs."
+                    if lat.get("busy_poll_cpu_us_per_click")
+                    else "."
+                )
             )
     else:
         head += (
@@ -1171,9 +1254,10 @@ def render(r: dict[str, Any]) -> str:
             f"\nCheckpoint cost at the default interval (5 s / 100,000 events), logreg, "
             f"at-least-once, default features: {cp['cost_pct']:.1f}% of the busy time."
         )
-    lat = r["latency"]
-    if lat.get("p50_ms") is not None:
-        lines.append(render_latency(lat))
+    for key in ("latency", "latency_busy_poll"):
+        lat = r.get(key) or {}
+        if lat.get("p50_ms") is not None:
+            lines.append(render_latency(lat))
     if "memory" in r:
         m = r["memory"]
         lines.append(

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from worker.learner import LearnerOptions
 
 SECRET_WORDS = ("password", "secret", "key", "token", "credential")
+# A fetch arrives every few ms at a steady rate (the broker answers at 16 KB or 5 ms):
+# polling longer than that between batches only burns CPU, so a larger value is a typo.
+MAX_BUSY_POLL_MS = 50.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,14 @@ OPTIONS: tuple[Option, ...] = (
         int,
     ),
     Option(
+        "busy_poll_ms",
+        0.0,
+        "after a batch, poll again without sleeping for up to this many ms before waiting "
+        "for the next fetch: at a steady high rate the next batch starts on warm CPU "
+        "caches, for lower latency, at the cost of the CPU spent polling (0: wait at once)",
+        float,
+    ),
+    Option(
         "commit_interval",
         5.0,
         "seconds between checkpoints (snapshot + offset commit; in exactly-once mode also "
@@ -204,6 +215,7 @@ class Settings:
     data_drift_features: str = ""
     max_event_bytes: int = 65536
     batch_size: int = 500
+    busy_poll_ms: float = 0.0
     commit_interval: float = 5.0
     commit_events: int = 100_000
     state_topic: str | None = None
@@ -418,6 +430,11 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"--window must be at least 1, got {s.window}")
     if not 1 <= s.batch_size <= 100_000:
         raise ConfigError(f"--batch-size must be between 1 and 100000, got {s.batch_size}")
+    if not 0 <= s.busy_poll_ms <= MAX_BUSY_POLL_MS:
+        raise ConfigError(
+            f"--busy-poll-ms must be between 0 (off) and {MAX_BUSY_POLL_MS:g} ms, "
+            f"got {s.busy_poll_ms:g}"
+        )
     if s.max_event_bytes < 64:
         raise ConfigError(f"--max-event-bytes must be at least 64, got {s.max_event_bytes}")
     if s.exit_when_idle < 0:

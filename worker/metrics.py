@@ -127,6 +127,9 @@ class WorkerStats:
         self.checkpoint_duration = Histogram(CHECKPOINT_BUCKETS)
         self.slowest = SlowestIterations()
         self.stopping = False
+        # Time the loop polled without waiting between batches (--busy-poll-ms).
+        self.busy_poll_seconds = 0.0
+        self.busy_poll_cpu_seconds = 0.0
 
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
@@ -342,6 +345,11 @@ class WorkerCollector:
             "The loop's pause for a checkpoint: flush and snapshot write (at-least-once; the "
             "acknowledgement and offset commit follow while the loop goes on), or snapshot "
             "write and transaction commit (exactly-once).",
+        )
+        yield CounterMetricFamily(
+            "riverline_busy_poll_seconds",
+            "Time the loop polled without waiting for the next fetch (--busy-poll-ms).",
+            value=st.busy_poll_seconds,
         )
         age = time.monotonic() - st.heartbeat if st.heartbeat else math.nan
         yield GaugeMetricFamily(

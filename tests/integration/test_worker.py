@@ -1062,3 +1062,47 @@ def test_idle_check_reads_the_real_consumers_position_and_steps_over_a_commit_ma
         assert not worker._input_exhausted()
     finally:
         consumer.close()
+
+
+def test_busy_polling_between_paced_batches_loses_and_repeats_nothing(
+    kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    """``--busy-poll-ms``: clicks arriving in bursts, with gaps the loop polls through
+    (without waiting in the client) for at most the window after each batch. Every
+    prediction is still the bare River loop's, once and in order; the offsets are
+    committed; the polling time is counted, and bounded by the window per batch."""
+    topics = _topics(new_topic)
+    events = _events(1500, seed=13)
+    window_ms = 3.0
+    run = WorkerThread(_settings(kafka_bootstrap, topics, busy_poll_ms=window_ms))
+    batches = 0
+    process = run.worker._process
+
+    def counted(msgs: list[Message]) -> None:
+        nonlocal batches
+        batches += 1
+        process(msgs)
+
+    run.worker._process = counted  # type: ignore[method-assign]
+    run.start()
+    run.poll_until(lambda: 0 in run.worker.stats.learners, "the partition's assignment")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})
+    for i in range(0, len(events), 50):  # bursts of 50, 20 ms apart: gaps between fetches
+        for ev in events[i : i + 50]:
+            producer.produce(topics[0], orjson.dumps(ev), ev["user_id"].encode())
+        producer.flush(10)
+        time.sleep(0.02)
+    run.wait()
+
+    msgs = _read_topic(kafka_bootstrap, topics[1], at_least=len(events))
+    _check_predictions(msgs, events, list(range(len(events))), _oracle("logreg", 0, events))
+    group = run.worker.settings.group_id
+    assert _committed(kafka_bootstrap, group, topics[0], 1) == [len(events)]
+    report = run.worker.report()
+    assert report["messages"] == len(events)
+    assert batches > 1
+    # It polled in the gaps (there were 30 bursts), and never longer than the window
+    # after a batch (plus the last call's own time and a slack for a preempted thread).
+    assert report["busy_poll_seconds"] > 0
+    assert report["busy_poll_seconds"] <= batches * (window_ms + 2.0) / 1000
+    assert 0 < report["busy_poll_cpu_seconds"] <= report["busy_poll_seconds"] + 0.01

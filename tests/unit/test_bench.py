@@ -52,3 +52,55 @@ def test_p99_of_the_measured_window_excludes_a_slow_start(bench: ModuleType) -> 
     assert bench.percentile(sorted(warm), 0.99) == 120
     # Over the whole run the slow start sets the p99 alone.
     assert bench.percentile(sorted(latencies), 0.99) == 120
+
+
+def _run(p99: int, loop_cpu: float, polling: float | None) -> dict:
+    return {
+        "rate": 20_000.0,
+        "achieved_rate": 19_990.0,
+        "n": 400_000,
+        "p50_ms": 10,
+        "p99_ms": p99,
+        "p999_ms": p99 + 10,
+        "max_ms": p99 + 20,
+        "in_p99_ms": 4,
+        "in_max_ms": 9,
+        "worker_p50_ms": 9,
+        "worker_p99_ms": p99 - 4,
+        "worker_max_ms": p99 + 15,
+        "whole_p99_ms": p99 + 1,
+        "warmup_p99_ms": 60,
+        "warmup_max_ms": 70,
+        "loop_cpu_us_per_click": loop_cpu,
+        "busy_poll_cpu_us_per_click": polling,
+        "max_ms_by_second": [p99],
+    }
+
+
+def test_a_busy_poll_series_is_summarised_and_rendered_apart(bench: ModuleType) -> None:
+    """The latency runs with --busy-poll-ms are a series of their own: its medians, the
+    loop's own CPU per click apart from the CPU it spent polling, and its setting named
+    in the paragraph; the default series says nothing of polling."""
+    default = bench._summary(
+        [_run(80, 29.0, None), _run(60, 28.0, None), _run(70, 30.0, None)],
+        [1, 2, 3],
+        20_000.0,
+        2.0,
+        0.0,
+    )
+    polled = bench._summary(
+        [_run(40, 23.0, 9.0), _run(30, 22.0, 11.0), _run(35, 24.0, 10.0)],
+        [1, 2, 3],
+        20_000.0,
+        2.0,
+        3.0,
+    )
+    assert (default["p99_ms"], default["loop_cpu_us_per_click"]) == (70, 29.0)
+    assert default["busy_poll_cpu_us_per_click"] is None
+    assert (polled["p99_ms"], polled["loop_cpu_us_per_click"]) == (35, 23.0)
+    assert polled["busy_poll_cpu_us_per_click"] == 10.0
+    text = bench.render_latency(polled)
+    assert "`--busy-poll-ms 3`" in text and "**median p99 35 ms**" in text
+    assert "its own work: median 23.0 µs; polling without waiting: 10.0 µs." in text
+    plain = bench.render_latency(default)
+    assert "busy-poll" not in plain and "its own work: median 29.0 µs." in plain

@@ -153,6 +153,10 @@ def test_repr_of_settings_hides_secrets() -> None:
         ({"window": "many"}, {}, "--window"),
         ({}, {"RIVERLINE_WINDOW": "many"}, "RIVERLINE_WINDOW"),
         ({"batch_size": "0"}, {}, "--batch-size"),
+        ({"busy_poll_ms": "-1"}, {}, "--busy-poll-ms"),
+        ({"busy_poll_ms": "3000"}, {}, "--busy-poll-ms"),
+        ({"busy_poll_ms": "nan"}, {}, "--busy-poll-ms"),
+        ({}, {"RIVERLINE_BUSY_POLL_MS": "fast"}, "RIVERLINE_BUSY_POLL_MS"),
         ({"max_event_bytes": "10"}, {}, "--max-event-bytes"),
         ({"exit_when_idle": "-1"}, {}, "--exit-when-idle"),
         ({"commit_interval": "0"}, {}, "--commit-interval"),
@@ -212,6 +216,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         (["--window", "lots"], {}, "--window"),
         (["--metrics-address", "nowhere"], {}, "--metrics-address"),
         ([], {"RIVERLINE_BATCH_SIZE": "0"}, "--batch-size"),
+        (["--busy-poll-ms", "3000"], {}, "--busy-poll-ms"),
         (["--model", "no_such_module:factory"], {}, "--model"),
     ],
 )
