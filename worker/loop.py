@@ -41,6 +41,7 @@ from confluent_kafka import (
 
 from worker import __version__
 from worker.batchfit import start_fit_process, wait_fit_process
+from worker.busypoll import BusyPoll
 from worker.config import Settings
 from worker.errors import RiverlineError
 from worker.events import (
@@ -242,8 +243,7 @@ class Worker:
         last_event = time.monotonic()
         next_checkpoint = last_event + s.commit_interval
         next_watermarks = last_event
-        busy_poll = s.busy_poll_ms / 1000
-        busy_poll_until = 0.0  # after a batch, poll without sleeping until then
+        busy_poll = BusyPoll(s.busy_poll_ms / 1000) if s.busy_poll_ms else None
         while not self._stop.is_set():
             if self.eos and not self._in_txn:
                 self._txn_call("begin_transaction", producer.begin_transaction)
@@ -252,8 +252,8 @@ class Worker:
             # until the next message. (consume(n, timeout) waits for n messages or the
             # whole timeout, which would add up to the timeout to every event's latency.)
             msgs = consumer.consume(s.batch_size, timeout=0)
-            if not msgs and busy_poll:
-                msgs = self._busy_poll(busy_poll_until)
+            if not msgs and busy_poll is not None and busy_poll.deadline:
+                msgs = self._busy_poll(busy_poll)
             if not msgs:
                 msgs = consumer.consume(1, timeout=0.1)
                 if msgs and s.batch_size > 1:
@@ -276,7 +276,8 @@ class Worker:
                 stats.last_batch_at = done
                 stats.last_batch_cpu = time.thread_time()
                 last_event = done
-                busy_poll_until = done + busy_poll
+                if busy_poll is not None:
+                    busy_poll.after_batch(done)
                 self._since_checkpoint += len(msgs)
             for learner in list(stats.learners.values()):
                 learner.end_batch(force=False)  # also while idle: scrapes stay fresh
@@ -313,21 +314,15 @@ class Worker:
                 log.info("no new event for %.1fs (--exit-when-idle): stopping", idle_limit)
                 break
 
-    def _busy_poll(self, until: float) -> list[Message]:
-        """Poll without waiting until a message arrives or ``until`` (``--busy-poll-ms``
-        after the last batch) passes; the messages, or none.
-
-        Waiting in ``consume()`` puts the thread to sleep, and on a virtual machine an
-        idle vCPU gives its core away: the next batch then starts on cold caches. At a
-        steady 25,000 clicks/s on 2 vCPUs the loop's own CPU per click was 22-24 µs
-        with 3 ms of busy polling against 28-29 µs waiting at once, and the p99
-        latency about a third lower (bench/HISTORY.md, session 13). The price is the
-        polling itself: up to the whole window after each batch, counted in
-        ``riverline_busy_poll_seconds_total``.
+    def _busy_poll(self, busy_poll: BusyPoll) -> list[Message]:
+        """Poll without waiting until a message arrives or the window after the last
+        batch passes (``--busy-poll-ms``, see :mod:`worker.busypoll`); the messages, or
+        none. Its wall and CPU time are counted (``riverline_busy_poll_seconds_total``).
         """
+        until, busy_poll.deadline = busy_poll.deadline, 0.0  # one poll per batch
         now = time.monotonic()
         if now >= until:
-            return []
+            return []  # the iteration outlasted the window (a checkpoint): no poll
         assert self.consumer is not None
         consume, n, stop = self.consumer.consume, self.settings.batch_size, self._stop.is_set
         started, cpu = now, time.thread_time()
@@ -337,6 +332,10 @@ class Worker:
             if msgs:
                 break
             now = time.monotonic()
+        if msgs:
+            busy_poll.hit()
+        elif now >= until:
+            busy_poll.missed()
         stats = self.stats
         stats.busy_poll_seconds += time.monotonic() - started
         stats.busy_poll_cpu_seconds += time.thread_time() - cpu

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import offline_worker
+from worker.busypoll import MAX_BACKOFF, BusyPoll
 from worker.errors import ConfigError
 
 
@@ -40,45 +41,66 @@ def _worker(consumer: Consumer, busy_poll_ms: str = "3") -> Any:
     return w
 
 
+def _window(until: float) -> BusyPoll:
+    """A poller whose window (after a batch) lasts until ``until``."""
+    bp = BusyPoll(window=0.003)
+    bp.deadline = until
+    return bp
+
+
 def test_a_message_arriving_inside_the_window_is_returned_at_once() -> None:
-    now = time.monotonic()
-    consumer = Consumer(ready_at=now + 0.01, messages=["m1", "m2"])
+    consumer = Consumer(ready_at=0, messages=["m1", "m2"])
     w = _worker(consumer)
-    got = w._busy_poll(until=now + 0.5)
+    now = time.monotonic()
+    consumer.ready_at = now + 0.01
+    bp = _window(now + 0.5)
+    got = w._busy_poll(bp)
     returned_at = time.monotonic()
     assert got == ["m1", "m2"]
     assert returned_at - (now + 0.01) < 0.2, "it kept polling after the message came"
     assert consumer.calls > 1
     assert 0.005 < w.stats.busy_poll_seconds < 0.25
+    assert bp.deadline == 0.0, "one poll per batch"
+    bp.after_batch(time.monotonic())
+    assert bp.deadline, "a poll that caught its batch does not back off"
 
 
 def test_the_poll_ends_empty_when_the_window_passes() -> None:
-    now = time.monotonic()
-    consumer = Consumer(ready_at=now + 10, messages=["late"])
+    consumer = Consumer(ready_at=time.monotonic() + 10, messages=["late"])
     w = _worker(consumer)
-    got = w._busy_poll(until=now + 0.03)
+    now = time.monotonic()
+    bp = _window(now + 0.03)
+    got = w._busy_poll(bp)
     assert got == []
     assert time.monotonic() >= now + 0.03
     assert consumer.messages == ["late"], "nothing taken past the window"
     # The time spent is counted, wall and CPU, and the CPU is no more than the wall.
     assert 0.02 <= w.stats.busy_poll_seconds < 1.0
     assert 0 < w.stats.busy_poll_cpu_seconds <= w.stats.busy_poll_seconds + 0.01
+    # The next batch waits at once (a backoff), the one after polls again.
+    bp.after_batch(time.monotonic())
+    assert bp.deadline == 0.0
+    bp.after_batch(time.monotonic())
+    assert bp.deadline > 0
 
 
 def test_a_window_already_over_does_not_poll_or_count() -> None:
     consumer = Consumer(ready_at=0, messages=["m"])
     w = _worker(consumer)
-    assert w._busy_poll(until=time.monotonic() - 1) == []
+    bp = _window(time.monotonic() - 1)
+    assert w._busy_poll(bp) == []
     assert consumer.calls == 0
     assert w.stats.busy_poll_seconds == 0
+    bp.after_batch(time.monotonic())
+    assert bp.deadline > 0, "a window the iteration outlasted is no empty poll: no backoff"
 
 
 def test_a_stop_request_ends_the_poll() -> None:
-    now = time.monotonic()
-    consumer = Consumer(ready_at=now + 10, messages=["late"])
+    consumer = Consumer(ready_at=time.monotonic() + 10, messages=["late"])
     w = _worker(consumer)
     w.request_stop()
-    assert w._busy_poll(until=now + 5) == []
+    now = time.monotonic()
+    assert w._busy_poll(_window(now + 5)) == []
     assert time.monotonic() - now < 1
 
 
@@ -86,7 +108,7 @@ def test_the_batch_size_bounds_what_one_poll_takes() -> None:
     consumer = Consumer(ready_at=0, messages=list(range(10)))
     w = offline_worker(busy_poll_ms="3", batch_size="4")
     w.consumer = consumer
-    assert w._busy_poll(until=time.monotonic() + 1) == [0, 1, 2, 3]
+    assert w._busy_poll(_window(time.monotonic() + 1)) == [0, 1, 2, 3]
 
 
 def test_off_by_default_and_reported() -> None:
@@ -100,3 +122,36 @@ def test_off_by_default_and_reported() -> None:
 def test_out_of_range_stops_at_start(value: str) -> None:
     with pytest.raises(ConfigError, match="--busy-poll-ms must be between 0"):
         offline_worker(busy_poll_ms=value)
+
+
+def test_repeated_empty_polls_back_off_up_to_the_cap_and_a_hit_ends_it() -> None:
+    """At a low rate every poll ends empty: the batches that wait at once double after
+    each (1, 2, 4, ...) up to MAX_BACKOFF, so polling costs about a window per
+    MAX_BACKOFF batches; one poll that catches its batch makes every batch poll again."""
+    bp = BusyPoll(window=0.003)
+    t, polls, batches = 0.0, 0, 0
+    while batches < 20 * MAX_BACKOFF:
+        t += 1.0
+        bp.after_batch(t)
+        batches += 1
+        if bp.deadline:
+            polls += 1
+            bp.deadline = 0.0
+            bp.missed()
+    # 1 + 2 + 4 + ... + 64 batches for the first 7 misses, then 64 for each.
+    assert polls <= 7 + 20
+    assert polls >= 20 * MAX_BACKOFF // (MAX_BACKOFF + 1)
+    bp.hit()
+    skipped_before_next_poll = 0
+    while True:
+        t += 1.0
+        bp.after_batch(t)
+        if bp.deadline:
+            break
+        skipped_before_next_poll += 1
+    assert skipped_before_next_poll <= MAX_BACKOFF  # the backoff already set runs out
+    bp.hit()
+    for _ in range(5):
+        t += 1.0
+        bp.after_batch(t)
+        assert bp.deadline == t + 0.003
