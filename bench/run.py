@@ -215,13 +215,17 @@ def idle_cost(raws: list[bytes], rounds: int) -> dict[str, float]:
     predict-learn with the default features, encode), in this process, run two ways over
     the same events: batches of ``IDLE_BATCH`` back to back, as on a backlog, and the
     same batches with the thread asleep ``IDLE_GAP`` s between them, as at a paced rate
-    (where the worker waits for its next fetch). No Kafka and no other work: what the
-    second costs more is the price of going idle between batches on this machine. Each
-    figure is the median of ``rounds`` alternating pairs.
+    (where the worker waits for its next fetch), and the same gaps spent spinning on the
+    thread instead (as ``--busy-poll-ms`` does; the spinning itself not counted). No
+    Kafka and no other work: what the second costs more is the price of going idle
+    between batches on this machine, and the third how much of it staying on the core
+    saves. Each figure is the median of ``rounds`` rounds of the three in turn.
 
-    >>> out = idle_cost([orjson.dumps(e) for e in generate(SimulationConfig(n_events=400))], 1)
-    >>> sorted(out), out["ratio"] == out["with_gaps_us"] / out["back_to_back_us"]
-    (['back_to_back_us', 'ratio', 'with_gaps_us'], True)
+    >>> out = idle_cost([orjson.dumps(e) for e in generate(SimulationConfig(n_events=600))], 1)
+    >>> sorted(out)
+    ['back_to_back_us', 'ratio', 'spin_ratio', 'spinning_gaps_us', 'with_gaps_us']
+    >>> out["ratio"] == out["with_gaps_us"] / out["back_to_back_us"]
+    True
     """
     from worker.events import encode_prediction
     from worker.learner import LearnerOptions, PartitionLearner
@@ -240,25 +244,37 @@ def idle_cost(raws: list[bytes], rounds: int) -> dict[str, float]:
         learner.predict_learn(decode(raw), offset)
     learner.end_batch()
     timed = raws[half:]
-    share = len(timed) // (2 * rounds) or 1
+    share = len(timed) // (3 * rounds) or 1
 
-    def one(start: int, gap: float) -> float:
+    def one(start: int, gap: float, spin: bool = False) -> float:
         chunk = timed[start : start + share]
-        started = time.thread_time()
+        started, spun = time.thread_time(), 0.0
         for i in range(0, len(chunk), IDLE_BATCH):
             for offset, raw in enumerate(chunk[i : i + IDLE_BATCH], half + start + i):
                 encode(learner.predict_learn(decode(raw), offset))
             learner.end_batch(force=False)
-            if gap:
+            if gap and spin:
+                spin_started, until = time.thread_time(), time.perf_counter() + gap
+                while time.perf_counter() < until:
+                    pass
+                spun += time.thread_time() - spin_started
+            elif gap:
                 time.sleep(gap)
-        return (time.thread_time() - started) / max(len(chunk), 1) * 1e6
+        return (time.thread_time() - started - spun) / max(len(chunk), 1) * 1e6
 
-    back, gaps = [], []
+    back, gaps, spins = [], [], []
     for r in range(rounds):
-        back.append(one(2 * r * share, 0.0))
-        gaps.append(one((2 * r + 1) * share, IDLE_GAP))
-    b, g = median(back), median(gaps)
-    return {"back_to_back_us": b, "with_gaps_us": g, "ratio": g / b}
+        back.append(one(3 * r * share, 0.0))
+        gaps.append(one((3 * r + 1) * share, IDLE_GAP))
+        spins.append(one((3 * r + 2) * share, IDLE_GAP, spin=True))
+    b, g, sp = median(back), median(gaps), median(spins)
+    return {
+        "back_to_back_us": b,
+        "with_gaps_us": g,
+        "ratio": g / b,
+        "spinning_gaps_us": sp,
+        "spin_ratio": sp / b,
+    }
 
 
 def ceiling(bs: str, topic: str, n: int) -> float:
@@ -1246,7 +1262,14 @@ def render(r: dict[str, Any]) -> str:
             f"process, in batches of {IDLE_BATCH}: {idle['back_to_back_us']:.1f} µs of CPU per "
             f"event back to back, {idle['with_gaps_us']:.1f} µs with the thread asleep "
             f"{IDLE_GAP * 1000:.0f} ms between batches (×{idle['ratio']:.2f}): the price of "
-            "going idle between fetches, which a paced rate pays and a backlog does not."
+            "going idle between fetches, which a paced rate pays and a backlog does not"
+            + (
+                f"; {idle['spinning_gaps_us']:.1f} µs (×{idle['spin_ratio']:.2f}) with the "
+                "thread spinning through the gaps instead (`--busy-poll-ms`; the spinning "
+                "not counted)."
+                if "spinning_gaps_us" in idle
+                else "."
+            )
         )
     cp = r.get("checkpoint")
     if cp:
