@@ -371,6 +371,7 @@ def panels() -> Iterator[Panel]:
             )
         ),
         "suffix: msg/s",
+        width=8,
         minimum=0,
     )
     yield timeseries(
@@ -381,8 +382,19 @@ def panels() -> Iterator[Panel]:
             (histogram_quantile(0.99, "riverline_processing_latency_seconds"), "p99 {{instance}}"),
         ),
         "s",
+        width=8,
         minimum=0,
         dashed="^p50.*",
+    )
+    yield timeseries(
+        "Busy polling (share of a core)",
+        "Share of each worker's time its loop polled without waiting for the next fetch "
+        "(--busy-poll-ms; 0 when off): the CPU it trades for latency. Near 100% the loop "
+        "never sleeps.",
+        targets((f"rate(riverline_busy_poll_seconds_total{{{SEL}}}[{RATE}])", "{{instance}}")),
+        "percentunit",
+        width=8,
+        minimum=0,
     )
 
     yield row("Kafka, snapshots and rebalances")
