@@ -249,6 +249,20 @@ class WorkerThread:
         return got[0]
 
 
+def _calls(worker: Worker, method: str) -> list[tuple[Any, ...]]:
+    """The arguments of every call the worker makes to one of its methods, from now on
+    (the method still runs). Counted at the call, not sampled from outside."""
+    calls: list[tuple[Any, ...]] = []
+    inner = getattr(worker, method)
+
+    def recorded(*args: Any) -> Any:
+        calls.append(args)
+        return inner(*args)
+
+    setattr(worker, method, recorded)
+    return calls
+
+
 def _oracle(spec: str, seed: int, events: list[dict[str, Any]]) -> list[float]:
     """The bare prequential loop: predict, then learn when the label is known."""
     model = model_factory(spec, seed)()
@@ -517,16 +531,11 @@ def test_bad_events_are_dead_lettered_and_the_model_is_untouched(
     # Each learn_one failure returns the partition to its last snapshot (a new learner)
     # and replays from there. Counted at the call: a learner that lives only while its
     # replay runs (a few ms) can fall between two samples of run.learners.
-    rewinds: list[int] = []
-    rewind = run.worker._rewind_partition
-
-    def counted_rewind(lr: PartitionLearner) -> None:
-        rewinds.append(lr.partition)
-        rewind(lr)
-
-    run.worker._rewind_partition = counted_rewind  # type: ignore[method-assign]
+    rewinds = _calls(run.worker, "_rewind_partition")
     run.start().wait()  # returns by --exit-when-idle: the bad events did not stop it
-    assert rewinds == [0, 0], "one rewind per event whose learn_one raised"
+    assert [lr.partition for (lr,) in rewinds] == [0, 0], (
+        "one rewind per event whose learn_one raised"
+    )
     # The last learner is the one that finished the stream.
     learner = run.learners[0][-1]
 
@@ -1075,15 +1084,7 @@ def test_busy_polling_between_paced_batches_loses_and_repeats_nothing(
     events = _events(1500, seed=13)
     window_ms = 3.0
     run = WorkerThread(_settings(kafka_bootstrap, topics, busy_poll_ms=window_ms))
-    batches = 0
-    process = run.worker._process
-
-    def counted(msgs: list[Message]) -> None:
-        nonlocal batches
-        batches += 1
-        process(msgs)
-
-    run.worker._process = counted  # type: ignore[method-assign]
+    batches = _calls(run.worker, "_process")
     run.start()
     run.poll_until(lambda: 0 in run.worker.stats.learners, "the partition's assignment")
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})
@@ -1100,9 +1101,9 @@ def test_busy_polling_between_paced_batches_loses_and_repeats_nothing(
     assert _committed(kafka_bootstrap, group, topics[0], 1) == [len(events)]
     report = run.worker.report()
     assert report["messages"] == len(events)
-    assert batches > 1
+    assert len(batches) > 1
     # It polled in the gaps (there were 30 bursts), and never longer than the window
     # after a batch (plus the last call's own time and a slack for a preempted thread).
     assert report["busy_poll_seconds"] > 0
-    assert report["busy_poll_seconds"] <= batches * (window_ms + 2.0) / 1000
+    assert report["busy_poll_seconds"] <= len(batches) * (window_ms + 2.0) / 1000
     assert 0 < report["busy_poll_cpu_seconds"] <= report["busy_poll_seconds"] + 0.01
