@@ -458,6 +458,51 @@ def _present(runs: list[dict[str, Any]], key: str) -> list[Any]:
     return [r[key] for r in runs if r.get(key) is not None]
 
 
+# A run during which the hypervisor took more than this share of the machine's CPU time
+# (its "steal", all cores) met a busy host: reported with the others, and counted apart.
+# Idle, this guest loses ~0.3 %; a run with the worker, the broker and the load
+# generator on both cores 0.5-2 % in a quiet hour.
+QUIET_STEAL_PCT = 2.0
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """The machine's CPU time so far, in ticks: (stolen by the hypervisor, total), all
+    cores, from ``/proc/stat``; None where there is none (not Linux).
+
+    >>> t = cpu_times()
+    >>> t is None or 0 <= t[0] <= t[1]
+    True
+    """
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != b"cpu":
+        return None
+    ticks = [int(v) for v in fields[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is
+    # counted in user time already.
+    return ticks[7], sum(ticks[:8])
+
+
+def steal_pct(
+    samples: list[tuple[int, int] | None], first: int = 0, last: int = -1
+) -> float | None:
+    """The share (%) of the machine's CPU time the hypervisor took between two of
+    :func:`cpu_times`' samples (by index); None when either is missing or no time passed.
+
+    >>> steal_pct([(10, 1000), (30, 2000)])
+    2.0
+    >>> steal_pct([(10, 1000), None]) is None
+    True
+    """
+    a, b = samples[first], samples[last]
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    return round(100 * (b[0] - a[0]) / (b[1] - a[1]), 2)
+
+
 def latencies(
     bs: str,
     rate: float,
@@ -504,11 +549,21 @@ def _log_latency_run(one: dict[str, Any], i: int, runs: int, rate: float) -> Non
         f"{one.get('whole_p99_ms')} ms; the warm-up alone: p99 {one.get('warmup_p99_ms')} "
         f"ms, max {one.get('warmup_max_ms')} ms; the loop's CPU per click: "
         + (
-            f"{one['loop_cpu_us_per_click']:.1f} µs{polled})"
+            f"{one['loop_cpu_us_per_click']:.1f} µs{polled}"
             if one.get("loop_cpu_us_per_click") is not None
-            else "n/a)"
+            else "n/a"
         )
+        + f"; the hypervisor's steal: {_pct(one.get('steal_pct'))})"
     )
+
+
+def _pct(value: float | None) -> str:
+    """A share for the report.
+
+    >>> _pct(1.234), _pct(None)
+    ('1.2 %', 'n/a')
+    """
+    return "n/a" if value is None else f"{value:.1f} %"
 
 
 def _summary(
@@ -530,6 +585,17 @@ def _summary(
     warm_max = _present(done, "warmup_max_ms")
     loop_cpu = _present(done, "loop_cpu_us_per_click")
     polling = _present(done, "busy_poll_cpu_us_per_click")
+    steal = _present(done, "steal_pct")
+    quiet = [
+        r["p99_ms"]
+        for r in done
+        if r.get("steal_pct") is not None and r["steal_pct"] <= QUIET_STEAL_PCT
+    ]
+    busy = [
+        r["p99_ms"]
+        for r in done
+        if r.get("steal_pct") is not None and r["steal_pct"] > QUIET_STEAL_PCT
+    ]
     return {
         "rate": rate,
         "busy_poll_ms": busy_poll_ms,
@@ -553,6 +619,13 @@ def _summary(
         "warmup_max_ms": max(warm_max) if warm_max else None,
         "loop_cpu_us_per_click": median(loop_cpu) if loop_cpu else None,
         "busy_poll_cpu_us_per_click": median(polling) if polling else None,
+        # Split by the hypervisor's steal during the run (QUIET_STEAL_PCT).
+        "steal_pct": median(steal) if steal else None,
+        "quiet_steal_pct": QUIET_STEAL_PCT,
+        "quiet_runs": len(quiet),
+        "quiet_p99_ms": median(quiet) if quiet else None,
+        "busy_runs": len(busy),
+        "busy_p99_ms": median(busy) if busy else None,
         "runs": each,
     }
 
@@ -664,10 +737,17 @@ def latency(
     gc.collect()
     gc.freeze()
     created_ms = [0] * n
+    # The hypervisor's steal, sampled at each second of the run (see QUIET_STEAL_PCT).
+    stolen = [cpu_times()]
     started = time.monotonic()
+    next_sample = started + 1.0
     sent = 0
     while sent < n:
-        due = min(n, int((time.monotonic() - started) * rate) + 1)
+        now = time.monotonic()
+        if now >= next_sample:
+            stolen.append(cpu_times())
+            next_sample += 1.0
+        due = min(n, int((now - started) * rate) + 1)
         while sent < due:
             value, key = records[sent]
             try:
@@ -680,6 +760,7 @@ def latency(
         p.poll(0)
         time.sleep(0.0005)
     produced_in = time.monotonic() - started
+    stolen.append(cpu_times())
     gc.unfreeze()
     p.flush(60)
     worker.wait(timeout=120)
@@ -762,6 +843,10 @@ def latency(
         # Where the slow ones are: the worst latency in each second of the run, the
         # warm-up's seconds first.
         "max_ms_by_second": windowed_max(in_order, rate, round(warmup + seconds)),
+        # The hypervisor's share of the machine's CPU time while the clicks were sent:
+        # after the warm-up, and in each second (the warm-up's first).
+        "steal_pct": steal_pct(stolen, min(len(stolen) - 1, round(warmup))),
+        "steal_pct_by_second": [steal_pct(stolen, i, i + 1) for i in range(len(stolen) - 1)],
         "worker_log": slow_lines[:20],
         "deploy_wait_s": report.get("deploy_wait_seconds"),
         "checkpoints": report.get("checkpoints"),
@@ -1130,6 +1215,17 @@ def render_latency(lat: dict[str, Any]) -> str:
                 f"of the prediction) median p50 {lat['worker_p50_ms']} ms, p99 "
                 f"{lat['worker_p99_ms']} ms."
             )
+        if lat.get("steal_pct") is not None:
+            q = lat["quiet_steal_pct"]
+            head += (
+                f" The hypervisor took a median {_pct(lat['steal_pct'])} of the machine's "
+                f"CPU time during a run (its steal, all cores; per run below). Runs at "
+                f"most {q:g} % stolen: {lat['quiet_runs']}"
+                + (f", median p99 {lat['quiet_p99_ms']} ms" if lat["quiet_runs"] else "")
+                + f"; more: {lat['busy_runs']}"
+                + (f", median p99 {lat['busy_p99_ms']} ms" if lat["busy_runs"] else "")
+                + "."
+            )
         if lat.get("loop_cpu_us_per_click") is not None:
             head += (
                 f" The loop's CPU per click, its own work: median "
@@ -1171,6 +1267,14 @@ def render_latency(lat: dict[str, Any]) -> str:
             + ": "
             + ", ".join(str(v) for v in one.get("max_ms_by_second", []))
             + " ms."
+            + (
+                f" The hypervisor's steal: {_pct(one['steal_pct'])} of the CPU time; "
+                "each second: "
+                + ", ".join("n/a" if v is None else f"{v:.1f}" for v in one["steal_pct_by_second"])
+                + " %."
+                if one.get("steal_pct") is not None
+                else ""
+            )
             + (
                 f" The worker waited {waited:.2f} s at the batch model's deploy point and "
                 f"checkpointed {cps} times "

@@ -1107,3 +1107,45 @@ def test_busy_polling_between_paced_batches_loses_and_repeats_nothing(
     assert report["busy_poll_seconds"] > 0
     assert report["busy_poll_seconds"] <= len(batches) * (window_ms + 2.0) / 1000
     assert 0 < report["busy_poll_cpu_seconds"] <= report["busy_poll_seconds"] + 0.01
+
+
+def test_a_backlogs_batch_hands_its_predictions_over_as_it_goes(
+    kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    """A backlog is read in batches of 500: each batch's predictions reach the producer a
+    chunk at a time (about 2 ms of work each), not once the whole batch is done. Seen
+    from outside: a prediction's timestamp is when the loop handed it to the producer
+    (``CreateTime``), so in a batch that took 10 ms or more the first prediction is
+    stamped in the batch's first half. Every prediction is still the bare River loop's,
+    once and in order, and the offsets are committed."""
+    topics = _topics(new_topic)
+    events = _events(3000, seed=17)
+    _produce(kafka_bootstrap, topics[0], map(_event_record, events))  # the backlog
+    run = WorkerThread(_settings(kafka_bootstrap, topics, model="fm", batch_size=500))
+    timed: list[tuple[float, float, int]] = []  # (start, end) wall clock ms, first offset
+    process = run.worker._process
+
+    def timed_process(msgs: list[Message]) -> None:
+        started = time.time() * 1000
+        try:
+            process(msgs)
+        finally:
+            timed.append((started, time.time() * 1000, msgs[0].offset()))  # type: ignore[arg-type]
+
+    run.worker._process = timed_process  # type: ignore[method-assign]
+    run.start()
+    run.wait()
+
+    msgs = _read_topic(kafka_bootstrap, topics[1], at_least=len(events))
+    _check_predictions(msgs, events, list(range(len(events))), _oracle("fm", 0, events))
+    group = run.worker.settings.group_id
+    assert _committed(kafka_bootstrap, group, topics[0], 1) == [len(events)]
+    stamped = {orjson.loads(m.value())["offset"]: m.timestamp()[1] for m in msgs}  # type: ignore[arg-type]
+    long_batches = [(s, e, first) for s, e, first in timed if e - s >= 10]
+    assert long_batches, f"no batch took 10 ms or more: {timed}"
+    for started, ended, first in long_batches:
+        # 1 ms of slack: the timestamps are whole milliseconds.
+        assert stamped[first] <= started + (ended - started) / 2 + 1, (
+            f"the batch from offset {first} ran {ended - started:.0f} ms; its first "
+            f"prediction was handed over {stamped[first] - started:.0f} ms after its start"
+        )

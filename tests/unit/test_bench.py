@@ -104,3 +104,34 @@ def test_a_busy_poll_series_is_summarised_and_rendered_apart(bench: ModuleType) 
     assert "its own work: median 23.0 µs; polling without waiting: 10.0 µs." in text
     plain = bench.render_latency(default)
     assert "busy-poll" not in plain and "its own work: median 29.0 µs." in plain
+
+
+def test_runs_are_split_by_the_hypervisors_steal(bench: ModuleType) -> None:
+    """Each run carries the share of the machine's CPU the hypervisor took while it ran:
+    the summary counts the runs at most QUIET_STEAL_PCT apart from the others, with each
+    group's median p99, and the paragraph says so and gives every run's steal."""
+    runs = [_run(30, 30.0, None), _run(200, 30.0, None), _run(40, 30.0, None), _run(90, 30.0, None)]
+    for one, steal in zip(runs, (0.4, 9.5, 1.5, 2.5), strict=True):
+        one["steal_pct"] = steal
+        one["steal_pct_by_second"] = [steal, None]
+    lat = bench._summary(runs, [1, 2, 3], 20_000.0, 2.0, 0.0)
+    assert bench.QUIET_STEAL_PCT == 2.0
+    assert (lat["quiet_runs"], lat["quiet_p99_ms"]) == (2, 35)
+    assert (lat["busy_runs"], lat["busy_p99_ms"]) == (2, 145)
+    assert lat["steal_pct"] == 2.0  # the median of 0.4, 1.5, 2.5, 9.5
+    text = bench.render_latency(lat)
+    assert "Runs at most 2 % stolen: 2, median p99 35.0 ms; more: 2, median p99 145.0 ms." in text
+    assert "The hypervisor's steal: 9.5 % of the CPU time; each second: 9.5, n/a %." in text
+    # Runs without the figure (another OS, older reports) are in neither group.
+    del runs[0]["steal_pct"]
+    lat = bench._summary(runs, [1, 2, 3], 20_000.0, 2.0, 0.0)
+    assert lat["quiet_runs"] + lat["busy_runs"] == 3
+
+
+def test_steal_is_the_share_of_cpu_time_between_two_samples(bench: ModuleType) -> None:
+    samples = [(100, 10_000), (110, 10_200), (150, 10_400), None]
+    assert bench.steal_pct(samples, 0, 1) == 5.0
+    assert bench.steal_pct(samples, 1, 2) == 20.0
+    assert bench.steal_pct(samples, 0, 2) == 12.5
+    assert bench.steal_pct(samples, 2, 3) is None
+    assert bench.steal_pct([(5, 100), (5, 100)]) is None  # no time passed
