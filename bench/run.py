@@ -460,8 +460,9 @@ def _present(runs: list[dict[str, Any]], key: str) -> list[Any]:
 
 # A run during which the hypervisor took more than this share of the machine's CPU time
 # (its "steal", all cores) met a busy host: reported with the others, and counted apart.
-# Idle, this guest loses ~0.3 %; a run with the worker, the broker and the load
-# generator on both cores 0.5-2 % in a quiet hour.
+# Idle, this guest loses ~0.3 %; a latency run (the worker, the broker and the load
+# generator on both cores) 0.03-0.6 % in a quiet hour (2.2 % once), and up to 20 % in
+# the seconds of a busy one.
 QUIET_STEAL_PCT = 2.0
 
 
