@@ -123,8 +123,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "batch_size",
         500,
-        "messages taken per poll at most; their predictions go to the producer together, "
-        "after the batch",
+        "messages taken per poll at most; their predictions go to the producer after the "
+        "batch, or about every 2 ms of work in a longer one",
         int,
     ),
     Option(
