@@ -239,7 +239,6 @@ class Worker:
         s = self.settings
         assert self.consumer is not None and self.producer is not None
         consumer, producer, stats = self.consumer, self.producer, self.stats
-        latency = stats.latency
         idle_limit = s.exit_when_idle
         last_event = time.monotonic()
         next_checkpoint = last_event + s.commit_interval
@@ -270,9 +269,8 @@ class Worker:
                 if stats.first_batch_at is None:
                     stats.first_batch_at = now
                     stats.first_batch_cpu = time.thread_time()
-                self._process(msgs)
+                self._process(msgs, now)
                 done = time.monotonic()
-                latency.observe(done - now, len(msgs))
                 stats.messages += len(msgs)
                 stats.last_batch_at = done
                 stats.last_batch_cpu = time.thread_time()
@@ -343,7 +341,7 @@ class Worker:
         return msgs
 
     # -- per batch --------------------------------------------------------------------
-    def _process(self, msgs: list[Message]) -> None:
+    def _process(self, msgs: list[Message], polled_at: float | None = None) -> None:
         """Predict and learn from a poll batch, handing its predictions to the producer
         a chunk at a time.
 
@@ -358,11 +356,16 @@ class Worker:
         counted as processed (``next_offset``) has its prediction with the producer
         before any checkpoint; an aborted transaction drops them with everything else
         it held.
+
+        Each hand-off is timed from ``polled_at`` (when the batch was polled; by default
+        now) for the messages it covers: ``riverline_processing_latency_seconds``.
         """
         started = time.monotonic()
+        since = started if polled_at is None else polled_at
+        observe = self.stats.latency.observe
         out: list[tuple[bytes, bytes]] = []
         rewound: set[int] = set()  # partitions sent back to a snapshot in this batch
-        n, chunk = len(msgs), self._publish_every
+        n, chunk, timed = len(msgs), self._publish_every, 0
         try:
             if n <= chunk:
                 self._predict_batch(msgs, out, rewound)
@@ -375,11 +378,15 @@ class Worker:
                 if i + chunk < n:
                     self._publish(out)
                     out.clear()
+                    observe(time.monotonic() - since, chunk)
+                    timed += chunk
         finally:
             if out:
                 self._publish(out)
+            now = time.monotonic()
+            observe(now - since, n - timed)
             # The next batch's chunk: PUBLISH_AFTER's worth of this one's events.
-            took = time.monotonic() - started
+            took = now - started
             if took > 0:
                 self._publish_every = min(
                     max(round(PUBLISH_AFTER * n / took), MIN_PUBLISH_EVERY),

@@ -359,7 +359,8 @@ class WorkerCollector:
         )
         yield st.latency.family(
             "riverline_processing_latency_seconds",
-            "Time from poll to prediction handed to the producer, per event (measured per batch).",
+            "Time from poll to prediction handed to the producer, per event (measured per batch, "
+            "or per chunk of a long batch).",
         )
 
 

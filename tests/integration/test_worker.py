@@ -1125,10 +1125,10 @@ def test_a_backlogs_batch_hands_its_predictions_over_as_it_goes(
     timed: list[tuple[float, float, int]] = []  # (start, end) wall clock ms, first offset
     process = run.worker._process
 
-    def timed_process(msgs: list[Message]) -> None:
+    def timed_process(msgs: list[Message], *args: Any) -> None:
         started = time.time() * 1000
         try:
-            process(msgs)
+            process(msgs, *args)
         finally:
             timed.append((started, time.time() * 1000, msgs[0].offset()))  # type: ignore[arg-type]
 

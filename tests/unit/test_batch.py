@@ -12,6 +12,7 @@ none. Kafka's side (delivery, transactions, offsets) is tested against a real br
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -228,3 +229,22 @@ def test_an_abort_in_a_later_chunk_ends_the_batch() -> None:
     assert producer.log == [("produce", o) for o in range(32)] + [("abort", 0)]
     rewound = worker.stats.learners[0]
     assert rewound.next_offset is None and rewound.learned == 0
+
+
+def test_each_hand_off_is_timed_from_the_poll_for_the_events_it_covers() -> None:
+    """riverline_processing_latency_seconds: per event, from the poll to the hand-off
+    of its prediction: per chunk of a long batch, once for a short one."""
+    worker, _ = _worker()
+    worker.stats.learners[0] = _learner()
+    seen: list[tuple[float, int]] = []
+    worker.stats.latency.observe = lambda v, n=1: seen.append((v, n))  # type: ignore[method-assign]
+    worker._publish_every = 16
+    polled_at = time.monotonic() - 1.0  # polled a second ago
+    worker._process(_messages(50)[0], polled_at)
+    assert [n for _, n in seen] == [16, 16, 16, 2]
+    values = [v for v, _ in seen]
+    assert values == sorted(values) and 1.0 <= values[0] < values[-1] < 30.0
+    seen.clear()
+    worker._publish_every = 64
+    worker._process(_messages(50)[0], time.monotonic())
+    assert [n for _, n in seen] == [50]
