@@ -586,17 +586,10 @@ def _summary(
     warm_max = _present(done, "warmup_max_ms")
     loop_cpu = _present(done, "loop_cpu_us_per_click")
     polling = _present(done, "busy_poll_cpu_us_per_click")
-    steal = _present(done, "steal_pct")
-    quiet = [
-        r["p99_ms"]
-        for r in done
-        if r.get("steal_pct") is not None and r["steal_pct"] <= QUIET_STEAL_PCT
-    ]
-    busy = [
-        r["p99_ms"]
-        for r in done
-        if r.get("steal_pct") is not None and r["steal_pct"] > QUIET_STEAL_PCT
-    ]
+    measured = [r for r in done if r.get("steal_pct") is not None]
+    steal = [r["steal_pct"] for r in measured]
+    quiet = [r["p99_ms"] for r in measured if r["steal_pct"] <= QUIET_STEAL_PCT]
+    busy = [r["p99_ms"] for r in measured if r["steal_pct"] > QUIET_STEAL_PCT]
     return {
         "rate": rate,
         "busy_poll_ms": busy_poll_ms,
