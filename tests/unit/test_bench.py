@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import doctest
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -135,3 +136,24 @@ def test_steal_is_the_share_of_cpu_time_between_two_samples(bench: ModuleType) -
     assert bench.steal_pct(samples, 0, 2) == 12.5
     assert bench.steal_pct(samples, 2, 3) is None
     assert bench.steal_pct([(5, 100), (5, 100)]) is None  # no time passed
+
+
+def test_the_click_producers_linger_is_named_in_the_paragraph(bench: ModuleType) -> None:
+    """The load generator's linger is part of every click's latency: the paragraph says
+    which one a run used; reports written before the setting existed used 1 ms."""
+    assert bench.CLICK_LINGER_MS == 5.0  # librdkafka's default
+    lat = bench._summary([_run(30, 30.0, None), _run(40, 30.0, None)], [1, 2], 20_000.0, 2.0, 0.0)
+    text = bench.render_latency({**lat, "click_linger_ms": 5.0})
+    assert text.count("clicks from a producer lingering 5 ms") == 1
+    assert "clicks from a producer lingering 1 ms" in bench.render_latency(lat)
+
+
+def test_a_bad_click_linger_stops_the_bench_with_the_flag_named() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--click-linger-ms", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "--click-linger-ms must be between 0 and 1000, got -1" in done.stderr
