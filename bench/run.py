@@ -40,6 +40,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -48,7 +49,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import orjson  # noqa: E402
-from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
+from confluent_kafka import (  # noqa: E402
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from worker.baseline import BatchBaseline  # noqa: E402
 from worker.config import MAX_BUSY_POLL_MS, Settings  # noqa: E402
@@ -78,6 +85,59 @@ def bootstrap() -> tuple[str, Any]:
     broker = LocalBroker(state_dir=REPO / ".riverline" / "bench-broker", port=free_port())
     broker.stop()
     return broker.start(), broker
+
+
+BENCH_PREFIX = "bench-"  # every topic (and group) the bench makes is named so
+
+
+def bench_topics(bs: str) -> set[str]:
+    """The topics on the broker whose names the bench uses (``bench-…``)."""
+    from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+
+    topics = AdminClient({"bootstrap.servers": bs}).list_topics(timeout=30).topics
+    return {t for t in topics if t.startswith(BENCH_PREFIX)}
+
+
+def drop_topics(bs: str, topics: Iterable[str]) -> list[str]:
+    """Delete ``topics`` once the bench is done with them; return those it could not.
+
+    A full run writes a few GB over ~100 topics; left behind, they piled up to 42 GB and
+    1,400 topics on a broker used for a week of runs, which then had that many
+    partitions' files to keep open and roll, and the disk's cache to share. A failure
+    is logged and does not stop the bench: its figures are already taken.
+    """
+    from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+
+    names = sorted(topics)
+    if not names:
+        return []
+    failed = []
+    admin = AdminClient({"bootstrap.servers": bs})  # kept: its futures die with it
+    futures = admin.delete_topics(names, operation_timeout=30)
+    for name, future in futures.items():
+        try:
+            future.result(60)
+        except KafkaException as exc:
+            if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                continue  # never made (a worker that did not start) or gone already
+            failed.append(name)
+            log(f"could not delete topic {name}: {exc}")
+        except Exception as exc:  # noqa: BLE001 (any failure: report, go on)
+            failed.append(name)
+            log(f"could not delete topic {name}: {exc}")
+    return failed
+
+
+def done(bs: str, broker: Any, before: set[str]) -> None:
+    """The bench's topics deleted (those not there at its start), its broker stopped."""
+    try:
+        left = drop_topics(bs, bench_topics(bs) - before)
+        if left:
+            log(f"{len(left)} of the bench's topics are left on the broker")
+    except Exception as exc:  # noqa: BLE001 (a broker gone already: nothing to clean)
+        log(f"could not list the bench's topics to delete them: {exc}")
+    if broker is not None:
+        broker.stop()
 
 
 def produce(bs: str, topic: str, raws: list[bytes], keys: list[bytes]) -> None:
@@ -800,6 +860,9 @@ def latency(
                 else:
                     store[orjson.loads(m.value())["offset"]] = m.timestamp()[1]
     c.close()
+    # Read back: the run's topics are not needed any more (the bench's end deletes any
+    # left by a run that stopped before here).
+    drop_topics(bs, [topic, out, f"{topic}-dlq", f"{group}.state"])
     worker_log.seek(0)
     lines = worker_log.readlines()
     worker_log.close()
@@ -1008,13 +1071,13 @@ def main() -> int:
         print(json.dumps(idle_cost(raws, args.rounds)))
         return 0
     bs, broker = bootstrap()
+    before = bench_topics(bs)  # the user's own bench-… topics, if any, are left alone
     results: dict[str, Any] = {"events": args.events, "machine": os.uname().nodename}
     if args.memory_only:
         try:
             print(json.dumps(memory(bs, args.memory_only)))
         finally:
-            if broker is not None:
-                broker.stop()
+            done(bs, broker, before)
         return 0
     if args.latency_only:
         try:
@@ -1030,8 +1093,7 @@ def main() -> int:
             )
             print(json.dumps(series[0] if len(series) == 1 else series))
         finally:
-            if broker is not None:
-                broker.stop()
+            done(bs, broker, before)
         return 0
     try:
         log(f"generating {args.events:,} events ({args.users:,} users) and producing them")
@@ -1185,8 +1247,7 @@ def main() -> int:
             results["memory"] = memory(bs, args.memory_events)
             log(f"memory: {results['memory']}")
     finally:
-        if broker is not None:
-            broker.stop()
+        done(bs, broker, before)
 
     md = render(results)
     out = Path(args.out)

@@ -1,0 +1,75 @@
+"""The benchmark deletes the topics it made, on a real broker, and no others."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+pytestmark = pytest.mark.integration
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run_topics", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run_topics"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _create(admin: AdminClient, *names: str) -> None:
+    for future in admin.create_topics([NewTopic(n, 1, 1) for n in names]).values():
+        future.result(30)
+
+
+def _listed(admin: AdminClient) -> set[str]:
+    return set(admin.list_topics(timeout=30).topics)
+
+
+def test_the_bench_deletes_the_topics_it_made_and_no_others(
+    bench: ModuleType, kafka_bootstrap: str, kafka_admin: AdminClient
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    users = f"bench-users-own-{tag}"  # a bench-… topic that was there before the bench
+    other = f"clicks-{tag}"  # not the bench's name at all
+    _create(kafka_admin, users, other)
+    try:
+        _check(bench, kafka_bootstrap, kafka_admin, tag, users, other)
+    finally:
+        kafka_admin.delete_topics([users, other])
+
+
+def _check(
+    bench: ModuleType,
+    kafka_bootstrap: str,
+    kafka_admin: AdminClient,
+    tag: str,
+    users: str,
+    other: str,
+) -> None:
+    before = bench.bench_topics(kafka_bootstrap)
+    assert users in before and other not in before
+    made = [f"bench-lat-{tag}", f"bench-lat-{tag}-pred", f"bench-{tag}.state"]
+    _create(kafka_admin, *made)
+
+    bench.done(kafka_bootstrap, None, before)
+
+    deadline = time.monotonic() + 30
+    while set(made) & _listed(kafka_admin) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    listed = _listed(kafka_admin)
+    assert not set(made) & listed
+    assert {users, other} <= listed
+    # A name never made (a worker that never started leaves no dead-letter topic) is
+    # not a failure.
+    assert bench.drop_topics(kafka_bootstrap, [f"bench-never-{tag}"]) == []
