@@ -52,7 +52,11 @@ def _add_broker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default=broker.DEFAULT_START_TIMEOUT,
         help="seconds to wait for the broker to answer (default 120)",
     )
-    p.add_argument("--heap", default=broker.DEFAULT_HEAP, help="JVM heap (default 512m)")
+    p.add_argument(
+        "--heap",
+        default=broker.DEFAULT_HEAP,
+        help=f"JVM heap (default {broker.DEFAULT_HEAP}; the young generation is half of it)",
+    )
     p.set_defaults(func=_cmd_broker)
 
 
