@@ -37,10 +37,16 @@ def _listed(admin: AdminClient) -> set[str]:
 
 
 def test_the_bench_deletes_the_topics_it_made_and_no_others(
-    bench: ModuleType, kafka_bootstrap: str, kafka_admin: AdminClient
+    bench: ModuleType,
+    kafka_bootstrap: str,
+    kafka_admin: AdminClient,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tag = uuid.uuid4().hex[:8]
-    users = f"bench-users-own-{tag}"  # a bench-… topic that was there before the bench
+    # The bench's prefix narrowed to this test's, so that a bench running on the same
+    # broker meanwhile keeps its topics.
+    monkeypatch.setattr(bench, "BENCH_PREFIX", f"bench-t{tag}-")
+    users = f"bench-t{tag}-users-own"  # a bench-… topic that was there before the bench
     other = f"clicks-{tag}"  # not the bench's name at all
     _create(kafka_admin, users, other)
     try:
@@ -59,7 +65,7 @@ def _check(
 ) -> None:
     before = bench.bench_topics(kafka_bootstrap)
     assert users in before and other not in before
-    made = [f"bench-lat-{tag}", f"bench-lat-{tag}-pred", f"bench-{tag}.state"]
+    made = [f"bench-t{tag}-lat", f"bench-t{tag}-lat-pred", f"bench-t{tag}-1.state"]
     _create(kafka_admin, *made)
 
     bench.done(kafka_bootstrap, None, before)
@@ -72,4 +78,4 @@ def _check(
     assert {users, other} <= listed
     # A name never made (a worker that never started leaves no dead-letter topic) is
     # not a failure.
-    assert bench.drop_topics(kafka_bootstrap, [f"bench-never-{tag}"]) == []
+    assert bench.drop_topics(kafka_bootstrap, [f"bench-t{tag}-never"]) == []
