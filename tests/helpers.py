@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import time
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -98,3 +102,16 @@ def wait_until_listed(admin: AdminClient, topic: str, partitions: int, timeout: 
             return
         assert time.monotonic() < deadline, f"topic {topic} not in the metadata after {timeout}s"
         time.sleep(0.05)
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+
+
+def load_bench(name: str) -> ModuleType:
+    """``bench/run.py`` imported as the module ``name`` (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 import uuid
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-pytestmark = pytest.mark.integration
+from tests.helpers import load_bench
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_run_topics", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_run_topics"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_run_topics")
 
 
 def _create(admin: AdminClient, *names: str) -> None:
