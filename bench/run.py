@@ -19,12 +19,14 @@ same generated events for every contender:
   own virtual environment;
 - latency: p50/p99 from the click's Kafka timestamp to the prediction's, at half the
   measured maximum rate, over ``--latency-runs`` runs (medians, pooled, and each run),
-  after ``--latency-warmup`` seconds of the same traffic (reported apart);
+  after ``--latency-warmup`` seconds of the same traffic (reported apart), the clicks
+  sent by a producer lingering ``--click-linger-ms`` (5, librdkafka's default);
 - memory (``--memory-events``): RSS of a worker over a stream of distinct users.
 
 Every contender runs once per round (``--rounds``, default 5), so a slow spell of this
 shared machine slows all of them; the table gives medians, and per-round overheads.
-Writes ``bench/results/<time>.md`` and ``.json`` and prints the table.
+Writes ``bench/results/<time>.md`` and ``.json`` and prints the table. The topics it made
+are deleted when it is done with them.
 """
 
 from __future__ import annotations
