@@ -32,9 +32,11 @@ are deleted when it is done with them.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -496,6 +498,73 @@ def windowed_max(values: list[int], per_window: float, windows: int) -> list[int
     ]
 
 
+# A line of the JVM's safepoint log as `riverline broker` writes it (worker/broker.py,
+# jvm_options: -Xlog:safepoint with the `time` decorator), e.g.
+# [2026-12-03T13:57:12.325+0000] Safepoint "G1CollectForAllocation", Time since last:
+# 7071741253 ns, Reaching safepoint: 20210 ns, Cleanup: 1336481 ns, At safepoint:
+# 41288582 ns, Total: 42645273 ns
+_SAFEPOINT = re.compile(r'^\[([^\]]+)\] Safepoint "([^"]+)".* Total: (\d+) ns')
+# The broker's stops of at least this long are listed per latency run.
+BROKER_PAUSE_MS = 5.0
+
+
+def jvm_pauses(
+    log_file: str | os.PathLike[str] | None,
+    since: float,
+    until: float,
+    at_least_ms: float = BROKER_PAUSE_MS,
+) -> list[tuple[float, float, str]] | None:
+    r"""The broker JVM's stops (a collection, or another safepoint) of at least
+    ``at_least_ms`` that began between two wall-clock times (seconds since the epoch),
+    from its safepoint log and the log's rotated files: ``(seconds after since, ms,
+    cause)`` each, in order; None when there is no such log (a broker not started by
+    ``riverline broker``).
+
+    >>> import tempfile
+    >>> log = Path(tempfile.mkdtemp()) / "safepoints.log"
+    >>> _ = log.write_text(
+    ...     '[2026-12-03T13:57:12.325+0000] Safepoint "G1CollectForAllocation", Time since '
+    ...     "last: 7071741253 ns, Reaching safepoint: 20210 ns, Cleanup: 1336481 ns, At "
+    ...     "safepoint: 41288582 ns, Total: 42645273 ns\n"
+    ...     '[2026-12-03T13:57:13.000+0000] Safepoint "Cleanup", Time since last: 1 ns, '
+    ...     "Reaching safepoint: 2 ns, Cleanup: 3 ns, At safepoint: 4 ns, Total: 94560 ns\n"
+    ... )
+    >>> t0 = dt.datetime(2026, 12, 3, 13, 57, 10, tzinfo=dt.timezone.utc).timestamp()
+    >>> jvm_pauses(log, t0, t0 + 5)
+    [(2.282, 42.6, 'G1CollectForAllocation')]
+    >>> jvm_pauses(log, t0, t0 + 5, at_least_ms=0.05)[1]
+    (3.0, 0.1, 'Cleanup')
+    >>> jvm_pauses(log, t0 + 3, t0 + 5), jvm_pauses(log.with_name("none.log"), t0, t0 + 5)
+    ([], None)
+    """
+    if log_file is None:
+        return None
+    log_file = Path(log_file)
+    files = [f for f in log_file.parent.glob(log_file.name + "*") if f.is_file()]
+    if not files:
+        return None
+    pauses = []
+    for f in files:
+        if f.stat().st_mtime < since:
+            continue  # rotated out before the run
+        with open(f, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                m = _SAFEPOINT.match(line)
+                if m is None:
+                    continue
+                ms = int(m[3]) / 1e6
+                if ms < at_least_ms:
+                    continue
+                try:  # the line is written when the stop ends
+                    ended = dt.datetime.strptime(m[1], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+                except ValueError:
+                    continue
+                began = ended - ms / 1e3
+                if since <= began < until:
+                    pauses.append((round(began - since, 3), round(ms, 1), m[2]))
+    return sorted(pauses)
+
+
 def split_warmup(values: list[int], sent: list[int], n_warm: int) -> tuple[list[int], list[int]]:
     """``values`` (one per click read back, ``sent[i]`` the index in which click ``i`` was
     sent) split into the warm-up's (the first ``n_warm`` sent) and the measured ones,
@@ -581,6 +650,7 @@ def latencies(
     warmup: float = 0.0,
     busy_poll_ms: tuple[float, ...] = (0.0,),
     click_linger_ms: float = CLICK_LINGER_MS,
+    safepoint_log: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, Any]]:
     """``runs`` latency runs (see :func:`latency`) per worker setting of
     ``--busy-poll-ms``, each with a fresh worker and topics; one summary per setting,
@@ -597,7 +667,9 @@ def latencies(
     each: dict[float, list[dict[str, Any]]] = {ms: [] for ms in busy_poll_ms}
     for i in range(runs):
         for ms in busy_poll_ms:
-            one = latency(bs, rate, seconds, n_users, pooled[ms], warmup, ms, click_linger_ms)
+            one = latency(
+                bs, rate, seconds, n_users, pooled[ms], warmup, ms, click_linger_ms, safepoint_log
+            )
             _log_latency_run(one, i, runs, rate)
             each[ms].append(one)
     return [
@@ -660,6 +732,8 @@ def _summary(
     polling = _present(done, "busy_poll_cpu_us_per_click")
     measured = [r for r in done if r.get("steal_pct") is not None]
     steal = [r["steal_pct"] for r in measured]
+    logged = [r for r in done if r.get("broker_pauses") is not None]
+    stops = [ms for r in logged for at, ms, _ in r["broker_pauses"] if at >= warmup]
     quiet = [r["p99_ms"] for r in measured if r["steal_pct"] <= QUIET_STEAL_PCT]
     busy = [r["p99_ms"] for r in measured if r["steal_pct"] > QUIET_STEAL_PCT]
     return {
@@ -692,6 +766,10 @@ def _summary(
         "quiet_p99_ms": median(quiet) if quiet else None,
         "busy_runs": len(busy),
         "busy_p99_ms": median(busy) if busy else None,
+        # The broker JVM's stops of BROKER_PAUSE_MS or more after the warm-ups (None:
+        # no safepoint log).
+        "broker_pauses_n": len(stops) if logged else None,
+        "broker_pause_max_ms": max(stops, default=0.0) if logged else None,
         "runs": each,
     }
 
@@ -705,6 +783,7 @@ def latency(
     warmup: float = 0.0,
     busy_poll_ms: float = 0.0,
     click_linger_ms: float = CLICK_LINGER_MS,
+    safepoint_log: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Clicks produced at ``rate`` for ``warmup`` + ``seconds`` seconds, by a producer
     lingering ``click_linger_ms`` (see :data:`CLICK_LINGER_MS`), to a worker run
@@ -729,6 +808,9 @@ def latency(
     click (the load generator's producer, its linger and the broker's write), and
     **worker** — from that append to the append of its prediction (the worker's fetch,
     its processing, its producer's linger and the broker's write of the prediction).
+
+    With the broker's ``safepoint_log`` (see :func:`jvm_pauses`), the broker JVM's
+    stops of :data:`BROKER_PAUSE_MS` or more while the clicks were sent are listed too.
     """
     # The page cache's dirty data written back before the clock starts, not during the
     # run: the rounds before leave ~1 GB of the broker's logs to write. In 3 alternating
@@ -807,7 +889,7 @@ def latency(
     created_ms = [0] * n
     # The hypervisor's steal, sampled at each second of the run (see QUIET_STEAL_PCT).
     stolen = [cpu_times()]
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), time.time()
     next_sample = started + 1.0
     sent = 0
     while sent < n:
@@ -829,6 +911,9 @@ def latency(
         time.sleep(0.0005)
     produced_in = time.monotonic() - started
     stolen.append(cpu_times())
+    # (the last clicks are predicted within a few ms of being sent: a stop after that
+    # does not delay them)
+    broker_pauses = jvm_pauses(safepoint_log, started_wall, started_wall + produced_in)
     gc.unfreeze()
     p.flush(60)
     worker.wait(timeout=120)
@@ -919,6 +1004,9 @@ def latency(
         # after the warm-up, and in each second (the warm-up's first).
         "steal_pct": steal_pct(stolen, min(len(stolen) - 1, round(warmup))),
         "steal_pct_by_second": [steal_pct(stolen, i, i + 1) for i in range(len(stolen) - 1)],
+        # The broker JVM's stops (a collection, mostly) while the clicks were sent: (s
+        # after the first click, warm-up included; ms; cause). None: no safepoint log.
+        "broker_pauses": broker_pauses,
         "worker_log": slow_lines[:20],
         "deploy_wait_s": report.get("deploy_wait_seconds"),
         "checkpoints": report.get("checkpoints"),
@@ -1029,6 +1117,13 @@ def main() -> int:
         help=f"the latency runs' load generator: its producer's linger.ms (default "
         f"{CLICK_LINGER_MS:g}, librdkafka's; runs 14 to 24 used 1)",
     )
+    ap.add_argument(
+        "--broker-safepoint-log",
+        metavar="FILE",
+        help="the broker JVM's safepoint log, to list its stops in each latency run "
+        "(`riverline broker` writes STATE_DIR/logs/safepoints.log; found by itself when "
+        "the bench starts its own broker)",
+    )
     ap.add_argument("--memory-events", type=int, default=0, help="e.g. 1000000 (slow)")
     ap.add_argument(
         "--memory-only", type=int, metavar="EVENTS", help="only measure memory over EVENTS"
@@ -1071,6 +1166,7 @@ def main() -> int:
         print(json.dumps(idle_cost(raws, args.rounds)))
         return 0
     bs, broker = bootstrap()
+    safepoint_log = args.broker_safepoint_log or (broker.safepoint_log if broker else None)
     before = bench_topics(bs)  # the user's own bench-… topics, if any, are left alone
     results: dict[str, Any] = {"events": args.events, "machine": os.uname().nodename}
     if args.memory_only:
@@ -1090,6 +1186,7 @@ def main() -> int:
                 args.latency_warmup,
                 busy_poll,
                 args.click_linger_ms,
+                safepoint_log,
             )
             print(json.dumps(series[0] if len(series) == 1 else series))
         finally:
@@ -1238,6 +1335,7 @@ def main() -> int:
             args.latency_warmup,
             busy_poll,
             args.click_linger_ms,
+            safepoint_log,
         )
         results["latency"] = series[0]
         if len(series) > 1:
@@ -1309,6 +1407,16 @@ def render_latency(lat: dict[str, Any]) -> str:
                 + (f", median p99 {lat['busy_p99_ms']} ms" if lat["busy_runs"] else "")
                 + "."
             )
+        if lat.get("broker_pauses_n") is not None:
+            head += (
+                f" The broker's JVM stopped for {BROKER_PAUSE_MS:g} ms or more "
+                f"{lat['broker_pauses_n']} times after the warm-ups"
+                + (
+                    f" (the longest {lat['broker_pause_max_ms']:g} ms)."
+                    if lat["broker_pauses_n"]
+                    else "."
+                )
+            )
         if lat.get("loop_cpu_us_per_click") is not None:
             head += (
                 f" The loop's CPU per click, its own work: median "
@@ -1358,6 +1466,7 @@ def render_latency(lat: dict[str, Any]) -> str:
                 if one.get("steal_pct") is not None
                 else ""
             )
+            + _render_pauses(one.get("broker_pauses"))
             + (
                 f" The worker waited {waited:.2f} s at the batch model's deploy point and "
                 f"checkpointed {cps} times "
@@ -1378,6 +1487,25 @@ def render_latency(lat: dict[str, Any]) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def _render_pauses(pauses: list[tuple[float, float, str]] | None) -> str:
+    """A run's broker stops for the report ('' when the bench had no safepoint log).
+
+    >>> _render_pauses([(11.3, 42.6, "G1CollectForAllocation")])
+    " The broker's JVM stopped for 42.6 ms at 11.3 s (G1CollectForAllocation)."
+    >>> _render_pauses([]), _render_pauses(None)
+    (" The broker's JVM did not stop for 5 ms or more.", '')
+    """
+    if pauses is None:
+        return ""
+    if not pauses:
+        return f" The broker's JVM did not stop for {BROKER_PAUSE_MS:g} ms or more."
+    return (
+        " The broker's JVM stopped for "
+        + ", ".join(f"{ms:g} ms at {at:.1f} s ({cause})" for at, ms, cause in pauses)
+        + "."
+    )
 
 
 def render(r: dict[str, Any]) -> str:

@@ -55,7 +55,14 @@ def _add_broker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument(
         "--heap",
         default=broker.DEFAULT_HEAP,
-        help=f"JVM heap (default {broker.DEFAULT_HEAP}; the young generation is half of it)",
+        help=f"JVM heap (default {broker.DEFAULT_HEAP})",
+    )
+    p.add_argument(
+        "--gc",
+        choices=broker.COLLECTORS,
+        default=broker.DEFAULT_GC,
+        help=f"the JVM's garbage collector (default {broker.DEFAULT_GC}: pauses under 10 ms; "
+        "g1: Kafka's own, which stops the broker for each young collection)",
     )
     p.set_defaults(func=_cmd_broker)
 
@@ -63,7 +70,7 @@ def _add_broker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _cmd_broker(args: argparse.Namespace) -> int:
     from worker.broker import LocalBroker
 
-    b = LocalBroker(state_dir=args.state_dir, port=args.port, heap=args.heap)
+    b = LocalBroker(state_dir=args.state_dir, port=args.port, heap=args.heap, gc=args.gc)
     if args.action == "start":
         already = b.status().running
         address = b.start(timeout=args.timeout)

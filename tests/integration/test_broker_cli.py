@@ -74,6 +74,17 @@ def _broker_pids(state_dir: Path, marker: str = "kafka.Kafka") -> list[int]:
     return pids
 
 
+def _cmdline(pid: int) -> list[str]:
+    return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")
+
+
+def test_an_unknown_collector_is_refused(tmp_path: Path) -> None:
+    refused = _riverline(tmp_path, "start", "--gc", "cms", "--state-dir", str(tmp_path / "b"))
+    assert refused.returncode == 2
+    assert "argument --gc: invalid choice: 'cms' (choose from 'zgc', 'g1')" in refused.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def _wait_gone(state_dir: Path, marker: str = "kafka.Kafka", timeout: float = 10.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while (left := _broker_pids(state_dir, marker)) and time.monotonic() < deadline:
@@ -128,10 +139,17 @@ def test_start_status_stop_lifecycle(tmp_path: Path, state_dir: Path) -> None:
     pid_file = state_dir / "broker.pid"
     pid = int(pid_file.read_text().split()[0])
     assert _broker_pids(state_dir) == [pid]
+    # The default collector, and the JVM's logs of its collections and of its stops
+    # (the benchmark reads the latter).
+    assert "-XX:+UseZGC" in _cmdline(pid)
+    assert "-XX:+UseG1GC" not in _cmdline(pid)
 
     admin = AdminClient({"bootstrap.servers": address})
     md = admin.list_topics(timeout=15)
     assert [b.port for b in md.brokers.values()] == [port]
+    logs = state_dir / "logs"
+    assert "Using The Z Garbage Collector" in (logs / "gc.log").read_text()
+    assert (logs / "safepoints.log").is_file()
 
     again = _riverline(tmp_path, "start", *flags)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -164,10 +182,14 @@ def test_start_creates_the_state_dir(tmp_path: Path, state_dir: Path) -> None:
     assert not state_dir.exists()
     port = free_port()
     flags = ("--state-dir", str(state_dir), "--port", str(port))
-    started = _riverline(tmp_path, "start", *flags, timeout=START_TIMEOUT)
+    # Kafka's own collector on request (the default is test_start_status_stop_lifecycle's).
+    started = _riverline(tmp_path, "start", *flags, "--gc", "g1", timeout=START_TIMEOUT)
     assert "Traceback" not in started.stderr, started.stderr
     assert started.returncode == 0, started.stdout + started.stderr
     assert f"bootstrap 127.0.0.1:{port}" in started.stdout
+    cmd = _cmdline(int((state_dir / "broker.pid").read_text().split()[0]))
+    assert "-XX:+UseG1GC" in cmd and "-XX:NewRatio=1" in cmd
+    assert "-XX:+UseZGC" not in cmd
     stopped = _riverline(tmp_path, "stop", *flags)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert _wait_gone(state_dir) == []

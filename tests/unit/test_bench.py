@@ -4,9 +4,12 @@ helpers decide what their figures mean."""
 
 from __future__ import annotations
 
+import datetime as dt
 import doctest
+import os
 import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -150,3 +153,61 @@ def test_a_bad_click_linger_stops_the_bench_with_the_flag_named() -> None:
     )
     assert done.returncode == 2
     assert "--click-linger-ms must be between 0 and 1000, got -1" in done.stderr
+
+
+def test_the_brokers_stops_are_counted_after_the_warmup_and_listed_per_run(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    """A latency run lists the broker JVM's stops of BROKER_PAUSE_MS or more from its
+    safepoint log, timed from the run's first click; the summary counts those after the
+    warm-up, and the paragraph gives both. Without a log (a broker of the user's own)
+    neither is claimed."""
+    log = tmp_path / "safepoints.log"
+    t0 = 1_800_000_000.0  # the run's first click, seconds since the epoch
+
+    def line(at: float, ns: int, cause: str) -> str:
+        ended = dt.datetime.fromtimestamp(t0 + at, dt.UTC)
+        stamp = ended.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ended.microsecond // 1000:03d}+0000"
+        return (
+            f'[{stamp}] Safepoint "{cause}", Time since last: 1 ns, Reaching safepoint: '
+            f"1 ns, Cleanup: 1 ns, At safepoint: 1 ns, Total: {ns} ns\n"
+        )
+
+    log.write_text(
+        line(1.0, 30_000_000, "G1CollectForAllocation")  # in the warm-up (2 s)
+        + line(5.0, 94_560, "Cleanup")  # too short to list
+        + line(11.3426, 42_600_000, "G1CollectForAllocation")
+        + line(25.0, 50_000_000, "G1CollectForAllocation")  # after the last click
+    )
+    os.utime(log, (t0 + 22.0, t0 + 22.0))  # written during the run
+    rotated = log.with_name("safepoints.log.0")
+    rotated.write_text(line(3.0, 60_000_000, "G1CollectForAllocation"))
+    os.utime(rotated, (t0 - 1.0, t0 - 1.0))  # rotated out before the run: not read
+    pauses = bench.jvm_pauses(log, t0, t0 + 22.0)
+    assert pauses == [
+        (0.97, 30.0, "G1CollectForAllocation"),
+        (11.299, 42.6, "G1CollectForAllocation"),  # ms stamps
+    ]
+    assert bench.jvm_pauses(tmp_path / "other.log", t0, t0 + 22.0) is None
+
+    runs = [_run(30, 30.0, None), _run(90, 30.0, None), _run(40, 30.0, None)]
+    runs[0]["broker_pauses"] = []
+    runs[1]["broker_pauses"] = pauses
+    runs[2]["broker_pauses"] = [(20.5, 7.0, "ZMarkStart")]
+    lat = bench._summary(runs, [1, 2, 3], 20_000.0, 2.0, 0.0)
+    assert (lat["broker_pauses_n"], lat["broker_pause_max_ms"]) == (2, 42.6)
+    text = bench.render_latency(lat)
+    assert (
+        "The broker's JVM stopped for 5 ms or more 2 times after the warm-ups (the longest 42.6 ms)."
+        in text
+    )
+    assert "The broker's JVM did not stop for 5 ms or more." in text
+    assert (
+        "The broker's JVM stopped for 30 ms at 1.0 s (G1CollectForAllocation), 42.6 ms at "
+        "11.3 s (G1CollectForAllocation)." in text
+    )
+    for one in runs:
+        del one["broker_pauses"]
+    lat = bench._summary(runs, [1, 2, 3], 20_000.0, 2.0, 0.0)
+    assert lat["broker_pauses_n"] is None
+    assert "JVM" not in bench.render_latency(lat)
