@@ -59,8 +59,8 @@ def jvm_options(
     young generation is fixed at half the heap (``NewRatio``), because on those cores
     its pause goal had shrunk it to 23 MB after the benchmark's throughput rounds, and it
     collected every 3.5 s. With ``gc="zgc"`` (the default) the collector works beside
-    the broker and stops it for under 10 ms (at most 8.7 ms, mostly well under 1 ms,
-    over 30 minutes of latency runs and full benchmark rounds).
+    the broker and stops it for under 10 ms (mostly under 1 ms, over 45 minutes of
+    latency runs and a full benchmark run).
 
     With ``logs_dir`` the JVM logs each collection (``gc.log``) and each stop
     (``safepoints.log``, which the benchmark reads), rotated at 3 files of 10 MB.
