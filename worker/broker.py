@@ -78,8 +78,7 @@ def jvm_options(
       ...
     worker.errors.BrokerError: --gc must be one of zgc, g1; got 'cms'
     """
-    if gc not in COLLECTORS:
-        raise BrokerError(f"--gc must be one of {', '.join(COLLECTORS)}; got {gc!r}")
+    _check_gc(gc)
     opts = [f"-Xms{heap}", f"-Xmx{heap}"]
     if gc == "g1":
         opts += ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:NewRatio=1"]
@@ -92,6 +91,11 @@ def jvm_options(
             path = Path(logs_dir) / name
             opts.append(f'-Xlog:{tags}:file="{path}":time:filecount=3,filesize=10m')
     return opts
+
+
+def _check_gc(gc: str) -> None:
+    if gc not in COLLECTORS:
+        raise BrokerError(f"--gc must be one of {', '.join(COLLECTORS)}; got {gc!r}")
 
 
 _NO_JAVA_HINT = (
@@ -179,8 +183,7 @@ class LocalBroker:
     ) -> None:
         if not 0 < port < 65536:
             raise BrokerError(f"--port must be between 1 and 65535, got {port}")
-        if gc not in COLLECTORS:
-            raise BrokerError(f"--gc must be one of {', '.join(COLLECTORS)}; got {gc!r}")
+        _check_gc(gc)
         self.gc = gc
         self.state_dir = Path(state_dir).absolute()
         self.port = port
