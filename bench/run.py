@@ -978,6 +978,9 @@ def latency(
         "rate": rate,
         "busy_poll_ms": busy_poll_ms,
         "click_linger_ms": click_linger_ms,
+        # The first click's wall-clock time (seconds since the epoch): the origin of the
+        # run's seconds, to set beside the broker's logs (its collections in gc.log).
+        "started_at": started_wall,
         "achieved_rate": n / produced_in,
         "n": len(lat),
         "p50_ms": percentile(lat, 0.5),
