@@ -81,7 +81,9 @@ def _cmdline(pid: int) -> list[str]:
 def test_an_unknown_collector_is_refused(tmp_path: Path) -> None:
     refused = _riverline(tmp_path, "start", "--gc", "cms", "--state-dir", str(tmp_path / "b"))
     assert refused.returncode == 2
-    assert "argument --gc: invalid choice: 'cms' (choose from 'zgc', 'g1')" in refused.stderr
+    # (argparse quotes the choices in some Python versions and not in others)
+    assert "argument --gc: invalid choice: 'cms'" in refused.stderr
+    assert "zgc" in refused.stderr and "g1" in refused.stderr
     assert not (tmp_path / "b").exists()
 
 
