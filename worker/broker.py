@@ -41,6 +41,9 @@ DEFAULT_HEAP = "1g"  # as Kafka's own kafka-server-start.sh
 # under 10 ms; G1 (Kafka's own choice) stops it for every young collection.
 COLLECTORS = ("zgc", "g1")
 DEFAULT_GC = "zgc"
+# The JVM's logs, in the broker's logs directory: each collection, and each stop.
+GC_LOG = "gc.log"
+SAFEPOINT_LOG = "safepoints.log"
 
 
 def jvm_options(
@@ -87,7 +90,7 @@ def jvm_options(
         if java_major in (21, 22):
             opts.append("-XX:+ZGenerational")
     if logs_dir is not None:
-        for tags, name in (("gc", "gc.log"), ("safepoint", "safepoints.log")):
+        for tags, name in (("gc", GC_LOG), ("safepoint", SAFEPOINT_LOG)):
             path = Path(logs_dir) / name
             opts.append(f'-Xlog:{tags}:file="{path}":time:filecount=3,filesize=10m')
     return opts
@@ -209,7 +212,7 @@ class LocalBroker:
     @property
     def safepoint_log(self) -> Path:
         """The JVM's log of its stops (collections among them): see :func:`jvm_options`."""
-        return self.log_file.parent / "safepoints.log"
+        return self.log_file.parent / SAFEPOINT_LOG
 
     # -- public API ----------------------------------------------------------
     def status(self) -> BrokerStatus:

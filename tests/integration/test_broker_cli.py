@@ -66,7 +66,7 @@ def _broker_pids(state_dir: Path, marker: str = "kafka.Kafka") -> list[int]:
         if not proc.name.isdigit():
             continue
         try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmd = " ".join(_cmdline(int(proc.name)))
         except OSError:
             continue
         if marker in cmd and str(state_dir) in cmd:
@@ -75,7 +75,7 @@ def _broker_pids(state_dir: Path, marker: str = "kafka.Kafka") -> list[int]:
 
 
 def _cmdline(pid: int) -> list[str]:
-    return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")
+    return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
 
 
 def test_an_unknown_collector_is_refused(tmp_path: Path) -> None:
